@@ -347,22 +347,19 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
-        if isinstance(value, dict) and value and isinstance(node.get(parts[-1]), dict):
-            _merge_into(node[parts[-1]], value)  # train={epochs: 4} keeps the file's other train keys
-        else:
-            node[parts[-1]] = value
+        node[parts[-1]] = _merged(node.get(parts[-1]), value)  # train={epochs: 4} keeps the other train keys
     return raw
 
 
-def _merge_into(section: Dict[str, Any], value: Mapping[str, Any]) -> None:
-    """Sets ``value``'s keys in ``section``, merging a mapping into a mapping at every depth, as a key's own
-    override would (a section given whole kept none of the file's other keys: its ``run_dir`` went back to the
-    default); an empty mapping replaces what is there, as at the top (``{llactr: {}}``)."""
+def _merged(existing: Any, value: Any) -> Any:
+    """``value`` set over ``existing``: a non-empty mapping merged into a mapping key by key, at every depth, as each
+    key's own override would be (a section given whole kept none of the file's other keys: its ``run_dir`` went
+    back to the default); anything else, an empty mapping too (``llactr={}``), replaces it."""
+    if not (isinstance(value, dict) and value and isinstance(existing, dict)):
+        return value
     for key, item in value.items():
-        if isinstance(item, dict) and item and isinstance(section.get(key), dict):
-            _merge_into(section[key], item)
-        else:
-            section[key] = item
+        existing[key] = _merged(existing.get(key), item)
+    return existing
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> ExperimentConfig:
