@@ -28,7 +28,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
     import torch
@@ -534,7 +534,8 @@ def best_of_rounds_ratio(numerator: Sequence[float], denominator: Sequence[float
     if not numerator or not denominator:
         raise ValueError("best_of_rounds_ratio needs at least one round per contender")
     for rounds in (numerator, denominator):
-        if max(rounds) > BUSY_SPREAD * statistics.median(rounds):
+        if max(rounds) > BUSY_SPREAD * statistics.median(rounds) and tuple(rounds) not in _WARNED_BUSY:
+            _WARNED_BUSY.add(tuple(rounds))  # a contender in several ratios (elec's plain backbone): warned once
             print(f"warning: one contender's rounds range from {min(rounds):.4g} to {max(rounds):.4g} samples/s (best "
                   f"over median > {BUSY_SPREAD}): the machine was busy, and the best rounds of the contenders may have "
                   "run under unequal load; rerun on an idle machine to trust this ratio", file=sys.stderr, flush=True)
@@ -544,6 +545,8 @@ def best_of_rounds_ratio(numerator: Sequence[float], denominator: Sequence[float
 
 # best round over the median round of one contender above which its rounds ran under unequal load
 BUSY_SPREAD = 1.5
+# the rounds already warned about in this process
+_WARNED_BUSY: Set[Tuple[float, ...]] = set()
 
 
 RATIO_METHOD = (

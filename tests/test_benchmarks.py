@@ -541,6 +541,17 @@ class TestCommon:
         with pytest.raises(ValueError, match="positive values"):
             common.geometric_mean([1.0, 0.0])
 
+    def test_a_busy_contender_in_several_ratios_is_warned_about_once(self, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        """elec's plain backbone divides three ratios: its busy rounds printed the same warning twice."""
+        monkeypatch.setattr(common, "_WARNED_BUSY", set())
+        plain = [138.0, 9.6, 11.1]
+        common.best_of_rounds_ratio([14.5, 13.0, 12.0], plain)
+        common.best_of_rounds_ratio([15.0, 14.0, 13.5], plain)
+        assert capsys.readouterr().err.count("the machine was busy") == 1
+        common.best_of_rounds_ratio([14.0, 13.0, 12.0], [100.0, 9.0, 10.0])  # other rounds: warned about
+        assert "the machine was busy" in capsys.readouterr().err
+
     def test_cycling_step_and_stopwatch(self) -> None:
         step = common.cycling_step(lambda x: x * 10, [1, 2])
         assert [step() for _ in range(3)] == [10, 20, 10]
