@@ -269,8 +269,9 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(
                 model_path, local_files_only=True, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{model_path}: cannot load the tokenizer ({one_line(error)})") from error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a damaged tokenizer.json: KeyError
+        raise ValueError(f"{model_path}: cannot load the tokenizer ({type(error).__name__}: {one_line(error)}); its "
+                         "tokenizer files are damaged or not a tokenizer's") from error
     if not isinstance(tokenizer, PreTrainedTokenizerBase):  # a composite model's (RagTokenizer): no len, no batches
         raise ValueError(f"{model_path}: its tokenizer is a {type(tokenizer).__name__}, not a text tokenizer "
                          "(transformers' PreTrainedTokenizerBase); give the directory of one text model")

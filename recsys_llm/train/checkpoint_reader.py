@@ -86,6 +86,15 @@ def _require_own_data_files(path: str, metadata: Metadata) -> None:
                 f"{path}: names the data file {name!r}, outside the checkpoint directory; expected plain file "
                 "names of the checkpoint's own files (DCP writes __<rank>_<n>.distcp): refusing to read it"
             )
+        # a link of the checkpoint directory to a file elsewhere reads that file's bytes as a ``..`` would
+        directory = os.path.realpath(os.path.dirname(path))
+        target = os.path.realpath(os.path.join(os.path.dirname(path), name))
+        if os.path.commonpath([directory, target]) != directory:
+            raise ValueError(
+                f"{os.path.join(os.path.dirname(path), name)}: a symbolic link to {target}, outside the checkpoint "
+                "directory; a checkpoint's data files are its own: refusing to read it (copy the checkpoint with its "
+                "files, `cp -rL`, if you trust that target)"
+            )
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -120,6 +120,17 @@ class TestModelDirectoryChecks:
             load_tokenizer(path)
         assert asked == [] and not marker.exists()
 
+    @pytest.mark.parametrize("content", ["{}", '{"added_tokens": 3}'])
+    def test_a_damaged_tokenizer_json_is_refused_naming_the_directory(self, tiny_bert_dir: str, tmp_path,
+                                                                      content) -> None:
+        """transformers raises a bare KeyError / TypeError for a tokenizer.json of the wrong shape (a damaged or
+        crafted file): the refusal is the ValueError of any tokenizer that does not load, naming the directory."""
+        path = copy_model_dir(tiny_bert_dir, tmp_path / "damaged")
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as handle:
+            handle.write(content)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: cannot load the tokenizer \((KeyError|TypeError)"):
+            load_tokenizer(path)
+
     @pytest.mark.parametrize("implementation", ["kernels-community/flash-attn2", {"": "someone/attention@main"}])
     def test_an_attention_kernel_from_the_hub_is_refused_unless_trusted(self, tiny_bert_dir: str, tmp_path,
                                                                           monkeypatch, implementation) -> None:

@@ -565,6 +565,42 @@ def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path,
     assert torch.equal(target.weight, before)
 
 
+def test_a_data_file_linked_to_a_file_outside_the_checkpoint_is_refused(tmp_path) -> None:
+    """A checkpoint whose ``__0_0.distcp`` is a symbolic link to another checkpoint's file (or any file the user
+    can read): DCP would read that file's bytes into the weights, as a ``..`` in ``.metadata`` would."""
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "ckpt-00000001"
+    dcp.save({"model": nn.Linear(2, 2).state_dict()}, checkpoint_id=str(path), no_dist=True)
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    other = nn.Linear(2, 2)
+    nn.init.constant_(other.weight, 7.0)
+    dcp.save({"model": other.state_dict()}, checkpoint_id=str(tmp_path / "elsewhere"), no_dist=True)
+    os.remove(path / "__0_0.distcp")
+    os.symlink(tmp_path / "elsewhere" / "__0_0.distcp", path / "__0_0.distcp")
+    target = nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"ckpt-00000001/__0_0\.distcp: a symbolic link to .*elsewhere/__0_0\.distcp, "
+                                         r"outside the checkpoint directory"):
+        load_checkpoint(str(path), target, restore_rng=False)
+    assert torch.equal(target.weight, before)
+
+
+def test_a_data_file_linked_inside_the_checkpoint_still_loads(tmp_path) -> None:
+    """A link whose target lies in the checkpoint directory itself reads the checkpoint's own bytes."""
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "ckpt-00000001"
+    saved = nn.Linear(2, 2)
+    dcp.save({"model": saved.state_dict()}, checkpoint_id=str(path), no_dist=True)
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    os.rename(path / "__0_0.distcp", path / "data.bin")
+    os.symlink("data.bin", path / "__0_0.distcp")
+    target = nn.Linear(2, 2)
+    load_checkpoint(str(path), target, restore_rng=False)
+    assert torch.equal(target.weight, saved.weight)
+
+
 def test_a_crafted_rng_file_is_refused_without_advice_to_load_it(tmp_path, monkeypatch) -> None:
     """rank<N>.pt is read with torch.load(weights_only=True); its refusal names the file and the reason,
     not torch's first line ("... Re-running torch.load with weights_only set to False will likely succeed")."""
