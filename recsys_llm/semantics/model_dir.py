@@ -147,6 +147,10 @@ def config_vocab_size(config: dict) -> Optional[int]:
     return None
 
 
+# the largest header the safetensors library reads (its MAX_HEADER_SIZE)
+SAFETENSORS_HEADER_LIMIT = 100_000_000
+
+
 def safetensors_damage(path: str) -> Optional[str]:
     """Why a ``.safetensors`` file cannot be read (truncated, bad header), or None when it looks whole.
 
@@ -160,6 +164,8 @@ def safetensors_damage(path: str) -> Optional[str]:
         header_size = struct.unpack("<Q", prefix)[0]
         if 8 + header_size > size:
             return f"truncated: header of {header_size} bytes, file of {size} bytes"
+        if header_size > SAFETENSORS_HEADER_LIMIT:  # safetensors refuses it too; read, it would fill the memory
+            return f"header of {header_size} bytes, beyond safetensors' limit of {SAFETENSORS_HEADER_LIMIT}"
         try:
             header = json.loads(handle.read(header_size))
         except (json.JSONDecodeError, UnicodeDecodeError):

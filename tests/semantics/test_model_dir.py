@@ -216,3 +216,21 @@ def test_another_model_copied_to_the_same_path_with_the_same_sizes_and_times_get
     assert fresh["first"] != fresh["second"]
     _copy_with_times(second, model, 10**18)
     assert model_dir_fingerprint(model) == fresh["second"]  # memoised: the same files give it again
+
+
+def test_a_safetensors_header_beyond_the_librarys_limit_is_named_without_reading_it(tmp_path) -> None:
+    """A file claiming a header of 200 MB (a sparse file of that size: nothing is written) was read into memory in one
+    piece before its JSON was parsed; the safetensors library refuses such a header anyway."""
+    import struct
+
+    from recsys_llm.semantics.model_dir import SAFETENSORS_HEADER_LIMIT, safetensors_damage
+
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", 2 * SAFETENSORS_HEADER_LIMIT))
+        handle.truncate(8 + 2 * SAFETENSORS_HEADER_LIMIT)
+    assert safetensors_damage(str(path)) == (f"header of {2 * SAFETENSORS_HEADER_LIMIT} bytes, beyond safetensors' "
+                                             f"limit of {SAFETENSORS_HEADER_LIMIT}")
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", 100) + b"{}")
+    assert safetensors_damage(str(path)) == "truncated: header of 100 bytes, file of 10 bytes"
