@@ -477,8 +477,10 @@ def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Opt
                 cells.append(f"{cell['mean']:.4f}{spread}{fewer}")
         if baseline:
             base = table.get(baseline, {}).get("auc", {}).get("mean")
-            mine = row["auc"]["mean"]
-            cells.append(f"{100 * (mine - base) / base:+.2f}%" if base else "–")
+            mine = row.get("auc", {}).get("mean")
+            # an AUC undefined over every seed (a one-class test split) is NaN, which is truthy: "+nan%" was shown
+            known = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (base, mine)) and base != 0
+            cells.append(f"{100 * (mine - base) / base:+.2f}%" if known else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

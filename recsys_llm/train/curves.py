@@ -2,8 +2,9 @@
 
 Drawn from the records of ``metrics.jsonl`` that stand (``run_records.read_metrics``: a resumed
 job's repeated steps replace the interrupted job's), so a run resumed any number of times gives
-one curve (an epoch resumed mid-way has the mean loss of its steps after the resume, as has the
-first 50-step record after the resume); each resume is a dotted line on both panels.
+one curve (the checkpoint carries the loss sums, so an epoch resumed mid-way and the first 50-step
+record after the resume have the uninterrupted run's mean loss: ``train/loss_sums.py``); each resume is a
+dotted line on both panels.
 ``run_training`` writes it at the end of every run, beside ``results.json``::
 
     run_dir/training_curves.png   left: loss (the mean of every 50 steps, and each epoch's mean, over the ranks)

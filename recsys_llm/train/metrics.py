@@ -6,7 +6,8 @@ may differ per rank), which computes the numbers from the full set and sends the
 * AUC: the Mann-Whitney statistic of the logits over all samples (exact, ties counted half;
   ranked by logit, as probabilities of logits beyond ~37 all round to 1.0 and would tie);
 * LogLoss: mean binary cross-entropy in nats, ``-mean(y log p + (1 - y) log(1 - p))``, computed from the
-  logits (``softplus(l) - y l``: exact for every logit, as the training loss's BCE-with-logits; no clamp);
+  logits (``softplus(l) - y l``, for a 0/1 label ``softplus(-l)`` or ``softplus(l)``: exact for every logit, an
+  infinite one too (0 on its correct side, inf on its wrong one), as the training loss's BCE-with-logits; no clamp);
 * NE (normalized entropy, He et al. 2014): cross-entropy divided by the entropy of the
   mean label, computed with ``torchrec.metrics.ne`` (the same definition as torchrec's NE);
   NaN when the labels hold one class (that entropy is 0).
@@ -88,8 +89,18 @@ def binary_metrics(
     # the summed cross-entropy -(y log p + (1 - y) log(1 - p)) in nats, its terms computed in place: a (N,) float64
     # copy less at a time
     if logits is not None:
+        # softplus(l) - y l, written softplus(-l) + (1 - y) l where y > 1/2 and softplus(l) - y l elsewhere: for
+        # 0/1 labels each row is a softplus alone, exact for every logit (the correct side of a confident logit
+        # keeps its e^-|l|, and an infinite logit, an fp16 overflow, gives 0 or inf rather than inf - inf = NaN)
         x = logits.double()
-        cross_entropy = F.softplus(x, threshold=40.0).sub_(x * labels).sum()  # softplus is x itself past 40
+        upper = labels > 0.5
+        terms = F.softplus(torch.where(upper, -x, x), threshold=40.0)  # softplus is x itself past 40
+        residual = torch.where(upper, 1.0 - labels, labels)  # 0 for 0/1 labels
+        if bool(residual.any()):
+            terms.add_(residual.mul_(torch.where(upper, x, -x)))
+        del upper, residual
+        cross_entropy = terms.sum()
+        del terms
     else:
         p = probabilities.clamp(_ETA, 1.0 - _ETA)
         log_q = torch.sub(1.0, p).log_().mul_(torch.sub(1.0, labels))

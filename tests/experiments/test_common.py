@@ -410,3 +410,15 @@ def test_the_auc_plot_holds_every_error_bar_and_says_where_its_axis_starts(tmp_p
     tables["fm"]["plain"]["auc"] = {"mean": math.nan, "std": math.nan}  # every seed of a variant failed
     common.plot_auc(str(tmp_path / "auc.png"), tables, "title")
     assert all(math.isfinite(limit) for limit in drawn["axes"].get_ylim())
+
+
+def test_a_gain_over_an_undefined_auc_is_shown_as_unknown_not_nan():
+    """A baseline whose AUC no seed defined (a one-class test split) has a NaN mean: the Δ AUC column read "+nan%"."""
+    table = {"plain": {"auc": mean_std([None, float("nan")])}, "better": {"auc": mean_std([0.84])},
+             "undefined": {"auc": mean_std([None])}}
+    lines = markdown_table(table, ["auc"], baseline="plain").splitlines()
+    assert lines[3] == "| better | 0.8400 | – |"
+    table["plain"] = {"auc": mean_std([0.80])}
+    lines = markdown_table(table, ["auc"], baseline="plain").splitlines()
+    assert lines[3] == "| better | 0.8400 | +5.00% |"
+    assert lines[4].endswith("| – |")

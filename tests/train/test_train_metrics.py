@@ -254,3 +254,39 @@ def test_subsets_must_be_a_mapping(bad):
 
     with pytest.raises(TypeError, match="CTRMetrics: subsets must be a mapping of subset name -> extras key"):
         CTRMetrics(bad)
+
+
+def test_infinite_logits_of_an_fp16_overflow_give_the_logloss_of_their_side_not_nan() -> None:
+    """An fp16 logit past 65504 is inf: ``softplus(l) - y l`` was inf - inf = NaN for a positive at +inf (and
+    -inf * 0 for a negative at -inf), so LogLoss and NE were NaN; each such row is 0 nats on its correct side and
+    inf on its wrong one."""
+    logits = torch.tensor([70000.0, -70000.0, 1.0, -1.0]).half()
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    metrics = CTRMetrics()
+    metrics.update(logits, labels)
+    out = metrics.compute()
+    expected = 2 * math.log1p(math.exp(-1.0)) / 4
+    assert out["logloss"] == pytest.approx(expected, rel=1e-12)
+    assert out["ne"] == pytest.approx(expected / math.log(2), rel=1e-12)
+    assert out["auc"] == 1.0
+    metrics.reset()
+    metrics.update(logits, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    wrong = metrics.compute()
+    assert wrong["logloss"] == math.inf and wrong["ne"] == math.inf
+
+
+def test_a_confident_correct_positive_keeps_its_tail() -> None:
+    """softplus switched to l itself past 40, so a positive at logit 50 counted 0 nats instead of e^-50: half the
+    LogLoss of a set of confident correct rows."""
+    logits = torch.tensor([50.0, -50.0], dtype=torch.float64)
+    labels = torch.tensor([1.0, 0.0])
+    out = binary_metrics(torch.sigmoid(logits), labels, logits)
+    assert out["logloss"] == pytest.approx(math.exp(-50.0), rel=1e-12, abs=0.0)
+
+
+def test_soft_labels_keep_the_logloss_of_bce_with_logits() -> None:
+    logits = torch.tensor([3.0, -2.0, 0.5, 45.0], dtype=torch.float64)
+    labels = torch.tensor([0.25, 0.75, 0.5, 0.9], dtype=torch.float64)
+    out = binary_metrics(torch.sigmoid(logits), labels, logits)
+    expected = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    assert out["logloss"] == pytest.approx(expected, rel=1e-12)
