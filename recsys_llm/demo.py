@@ -394,15 +394,23 @@ def comparison_table(results: Dict[str, Dict[str, Any]]) -> str:
     rows = [header]
     for name, result in results.items():
         test = result["test"]
-        gain = lambda key: f"{100 * (test[key] / plain[key] - 1):+.2f}%"  # noqa: E731
         rows.append([name, f"{test['auc']:.4f}", f"{test.get('cold/auc', float('nan')):.4f}", f"{test['logloss']:.4f}",
-                     f"{test.get('cold/logloss', float('nan')):.4f}", gain("auc"),
-                     gain("cold/auc") if "cold/auc" in test else "-"])
+                     f"{test.get('cold/logloss', float('nan')):.4f}", _gain(test, plain, "auc"),
+                     _gain(test, plain, "cold/auc")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     noise = noise_line(plain)
     return "\n".join(lines + ([noise] if noise else []))
+
+
+def _gain(test: Dict[str, Any], plain: Dict[str, Any], key: str) -> str:
+    """``test[key]``'s relative gain over ``plain[key]`` as ``+1.23%``; ``-`` where either is absent or not a finite
+    number (an AUC of a one-class split is NaN, which printed ``+nan%``) or the plain one is 0."""
+    mine, base = test.get(key), plain.get(key)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mine, base)) or base == 0:
+        return "-"
+    return f"{100 * (mine / base - 1):+.2f}%"
 
 
 def auc_standard_error(auc: float, num_samples: float, ctr: float) -> float:

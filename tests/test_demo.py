@@ -524,3 +524,16 @@ def test_demo_no_llm_on_the_command_line_trains_the_plain_deepfm_alone(tmp_path)
     argv = ["demo", "--rows", "3000", "--data-dir", str(tmp_path / "data"), "--run-dir", run_root, "--no-llm", *SMALL]
     assert run_multiprocess(_demo_on_the_command_line, world_size=1, argv=argv) == [0]
     assert sorted(name for name in os.listdir(run_root) if os.path.isdir(os.path.join(run_root, name))) == ["plain"]
+
+
+def test_the_comparison_table_shows_an_undefined_gain_as_unknown() -> None:
+    """A plain AUC that is NaN (a one-class test split) printed "+nan%", and a variant with cold-item metrics beside a
+    plain model without them raised KeyError."""
+    plain = {"auc": math.nan, "logloss": 0.6}
+    variant = {"auc": 0.7, "logloss": 0.5, "cold/auc": 0.65, "cold/logloss": 0.55}
+    table = comparison_table({PLAIN: {"test": plain}, LLACTR: {"test": variant}})
+    assert "nan%" not in table
+    assert table.splitlines()[-1].split()[-2:] == ["-", "-"]
+    good = comparison_table({PLAIN: {"test": {"auc": 0.5, "logloss": 0.6}},
+                             LLACTR: {"test": {"auc": 0.55, "logloss": 0.5}}})
+    assert "+10.00%" in good
