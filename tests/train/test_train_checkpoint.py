@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 from unittest import mock
 
@@ -534,15 +535,10 @@ def test_metadata_written_on_python_3_13_loads_on_every_python() -> None:
         MetadataUnpickler(io.BytesIO(b"cpathlib._local\nPath\n(Vx\ntR."), "x").load()
 
 
-@pytest.mark.parametrize("where", ["absolute", "parent"])
-def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path, where) -> None:
-    """A crafted ``.metadata`` (only DCP's own classes) whose items point at another file: DCP would
-    read that file's bytes into the weights."""
-    import pickle
-
+def _checkpoint_and_another_beside_it(tmp_path: Path) -> Path:
+    """A DCP checkpoint ``tmp_path/ckpt-00000001`` of a Linear(2, 2) and, beside it, ``tmp_path/elsewhere``: another
+    one whose weights are all 7."""
     import torch.distributed.checkpoint as dcp
-
-    from recsys_llm.train.checkpoint_reader import MetadataUnpickler
 
     path = tmp_path / "ckpt-00000001"
     dcp.save({"model": nn.Linear(2, 2).state_dict()}, checkpoint_id=str(path), no_dist=True)
@@ -550,6 +546,28 @@ def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path,
     other = nn.Linear(2, 2)
     nn.init.constant_(other.weight, 7.0)
     dcp.save({"model": other.state_dict()}, checkpoint_id=str(tmp_path / "elsewhere"), no_dist=True)
+    return path
+
+
+def _refused_leaving_the_weights(path: Path, message: str) -> None:
+    """Loading the checkpoint ``path`` into a Linear(2, 2) raises ValueError matching ``message``, its weights
+    as they were."""
+    target = nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(str(path), target, restore_rng=False)
+    assert torch.equal(target.weight, before)
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path, where) -> None:
+    """A crafted ``.metadata`` (only DCP's own classes) whose items point at another file: DCP would
+    read that file's bytes into the weights."""
+    import pickle
+
+    from recsys_llm.train.checkpoint_reader import MetadataUnpickler
+
+    path = _checkpoint_and_another_beside_it(tmp_path)
     with open(path / ".metadata", "rb") as handle:
         metadata = MetadataUnpickler(handle, "x").load()
     for info in metadata.storage_data.values():
@@ -557,33 +575,18 @@ def test_metadata_naming_a_data_file_outside_the_checkpoint_is_refused(tmp_path,
         info.relative_path = str(outside) if where == "absolute" else os.path.relpath(outside, path)
     with open(path / ".metadata", "wb") as handle:
         pickle.dump(metadata, handle)
-    target = nn.Linear(2, 2)
-    before = target.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"ckpt-00000001/\.metadata: names the data file .*elsewhere/__0_0\.distcp'?, "
-                                         r"outside the checkpoint directory"):
-        load_checkpoint(str(path), target, restore_rng=False)
-    assert torch.equal(target.weight, before)
+    _refused_leaving_the_weights(path, r"ckpt-00000001/\.metadata: names the data file .*elsewhere/__0_0\.distcp'?, "
+                                       r"outside the checkpoint directory")
 
 
 def test_a_data_file_linked_to_a_file_outside_the_checkpoint_is_refused(tmp_path) -> None:
     """A checkpoint whose ``__0_0.distcp`` is a symbolic link to another checkpoint's file (or any file the user
     can read): DCP would read that file's bytes into the weights, as a ``..`` in ``.metadata`` would."""
-    import torch.distributed.checkpoint as dcp
-
-    path = tmp_path / "ckpt-00000001"
-    dcp.save({"model": nn.Linear(2, 2).state_dict()}, checkpoint_id=str(path), no_dist=True)
-    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
-    other = nn.Linear(2, 2)
-    nn.init.constant_(other.weight, 7.0)
-    dcp.save({"model": other.state_dict()}, checkpoint_id=str(tmp_path / "elsewhere"), no_dist=True)
+    path = _checkpoint_and_another_beside_it(tmp_path)
     os.remove(path / "__0_0.distcp")
     os.symlink(tmp_path / "elsewhere" / "__0_0.distcp", path / "__0_0.distcp")
-    target = nn.Linear(2, 2)
-    before = target.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"ckpt-00000001/__0_0\.distcp: a symbolic link to .*elsewhere/__0_0\.distcp, "
-                                         r"outside the checkpoint directory"):
-        load_checkpoint(str(path), target, restore_rng=False)
-    assert torch.equal(target.weight, before)
+    _refused_leaving_the_weights(path, r"ckpt-00000001/__0_0\.distcp: a symbolic link to .*elsewhere/__0_0\.distcp, "
+                                       r"outside the checkpoint directory")
 
 
 def test_a_data_file_linked_inside_the_checkpoint_still_loads(tmp_path) -> None:
