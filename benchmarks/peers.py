@@ -52,8 +52,9 @@ not normal; the project averages the BCE over the batch, DeepCTR-Torch sums it (
 Adam are invariant to that scale, up to epsilon).
 
 Without the peer venv the script stops with exit status 75 (``MISSING_PEER_EXIT``) and says how to
-create it (no JSON is written: a missing peer is not a result); ``run_all.py`` reports it skipped. Pass ``--peer-python`` to use
-another interpreter (a path that does not exist is a usage error, exit 2: a typo is no missing peer).
+create it (no JSON is written: a missing peer is not a result); ``run_all.py`` reports it skipped. Pass
+``--peer-python`` to use another interpreter (a path that does not exist is a usage error, exit 2: a typo is no
+missing peer).
 
 Usage::
 
