@@ -129,6 +129,7 @@ def test_catalogue_pairs_take_the_item_side_from_catalogue_rows(tmp_path) -> Non
     rows = swap.catalog_rows(6, epoch=2, index=7)
     assert torch.equal(rows, swap.catalog_rows(6, epoch=2, index=7))  # a resumed run draws the same rows
     assert not torch.equal(rows, swap.catalog_rows(6, epoch=2, index=8))
+    assert not torch.equal(rows, swap.catalog_rows(6, epoch=3, index=7))  # each epoch pairs users with new items
     items = rows + 1
     features = doubled.sparse_features.to_dict()
     assert torch.equal(features["item_id"].values()[6:], items)
@@ -159,6 +160,9 @@ def test_bad_catalogues_are_named(tmp_path) -> None:
         SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
     write_catalog(path, item_tags=pa.array([1, 2, 3, 4, 5], pa.int64()))
     with pytest.raises(DataError, match="column 'item_tags' \\(sequence field\\) has Arrow type int64"):
+        SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
+    write_catalog(path, num_items=0)
+    with pytest.raises(DataError, match="items.parquet: the swap catalogue has no rows"):
         SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=path)
     with pytest.raises(DataError, match="missing.parquet: Parquet file not found"):
         SwappedPairs(SCHEMA, ITEM_FIELDS, catalog=str(tmp_path / "missing.parquet"))
