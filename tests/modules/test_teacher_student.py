@@ -622,6 +622,10 @@ class TestOfflineOutputs:
         with pytest.raises(ValueError, match=rf"twice\.parquet: key {keys[3]} of column 'impression' occurs more than "
                                              r"once; expected one row per key"):
             attach_columns(split, twice, "impression", str(tmp_path / "copy2.parquet"))
+        own = make_batch(8, seed=3)  # one's own loop: the keys under the row key's own name come first
+        own.extras["impression"] = own.extras["row_id"] + 7
+        write_teacher_columns(task.teacher, [own], out, row_key="impression", progress=False)
+        assert pq.read_table(out).column("impression").to_pylist() == own.extras["impression"].tolist()
 
 
     @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
