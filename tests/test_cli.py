@@ -828,6 +828,9 @@ def test_help_imports_no_torch() -> None:
     (["semantics", "encode", "--schema", "none", "--output", "out.safetensors"], "semantics encode"),
     (["semantics", "adapt", "--schema", "none", "--output-dir", "out"], "semantics adapt"),
     (["demo", "--data-dir", "data", "--run-dir", "runs"], "demo"),
+    # every rank prepared into the same --out: one won its lock, the other failed as "another prepared data set is
+    # writing it", and torchrun stopped the winner, part-way on a larger data set
+    (["prepare", "synthetic", "--out", "data", "--rows", "100"], "prepare synthetic"),
 ])
 def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, command, monkeypatch, tmp_path,
                                                                         capsys) -> None:

@@ -157,6 +157,12 @@ def _check_like_options(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from recsys_llm.cli.semantics import refuse_several_ranks
+
+    # under torchrun every rank prepared the whole data set into the same --out: one won its lock, the
+    # others failed as "another prepared data set is writing it", and torchrun then stopped the winner
+    refuse_several_ranks(f"prepare {args.source}", instead="once, before the jobs that read the data on every "
+                         "rank; `train` generates data.synthetic_rows on rank 0 alone")
     like = {}
     if args.source == "tabular":
         _check_like_options(args)

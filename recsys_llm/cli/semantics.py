@@ -57,22 +57,31 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
 LORA_TARGET_HELP = "q_proj v_proj / query value / c_attn / query_key_value / Wqkv / q_lin v_lin / query_proj value_proj / qkv_proj / q v"
 
 
-def refuse_several_ranks(command: str) -> None:
+# what refuse_several_ranks advises besides running the command without torchrun, by default
+LLM_STEP_OVER_RANKS = "`semantics export` is the LLM step that splits its rows over ranks"
+
+
+def refuse_several_ranks(command: str, instead: str = LLM_STEP_OVER_RANKS) -> None:
     """Raises when torchrun started ``command`` on each of several ranks (``TORCHELASTIC_RUN_ID`` set,
     ``WORLD_SIZE`` > 1, no process group yet): it runs in one process, and every rank would do the whole
     job and write the same output. A program that set up its ranks' group and calls the command on one
     of them (the examples' rank 0) goes on.
 
+    Args:
+        command (str): the command as its error names it (``semantics tune``).
+        instead (str): what the error advises in parentheses after "run it without torchrun".
+
     Raises:
-        ValueError: naming the command, the world size and the LLM step that does split over ranks.
+        ValueError: naming the command, the world size and ``instead``.
     """
     from recsys_llm.train.distributed import launch_ranks, started_by_torchrun_on_each_rank
 
+    if not started_by_torchrun_on_each_rank():  # the launcher's variables are checked where they are used
+        return
     world_size = launch_ranks()[1]
-    if world_size > 1 and started_by_torchrun_on_each_rank():
-        raise ValueError(f"{command} runs in one process, on one device; under torchrun each of the {world_size} ranks "
-                         "would do the whole job and write the same output: run it without torchrun (`semantics "
-                         "export` is the LLM step that splits its rows over ranks)")
+    if world_size > 1:
+        raise ValueError(f"{command} runs in one process; under torchrun each of the {world_size} ranks "
+                         f"would do the whole job and write the same output: run it without torchrun ({instead})")
 
 
 def process_device(device: Optional[str]) -> "torch.device":

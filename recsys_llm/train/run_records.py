@@ -3,6 +3,7 @@ data and vectors the run trained with), ``results.json``, ``metrics.jsonl``'s st
 lock of the job training there."""
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.semantics.vector_export import REUSED_KEY
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
-from recsys_llm.train.config import PLUGINS_FILE, ConfigError, ExperimentConfig, load_config, schema_json_path
+from recsys_llm.train.config import (PLUGINS_FILE, ConfigError, ExperimentConfig, config_differences, config_from_dict,
+                                     load_config, schema_json_path)
 from recsys_llm.train.distributed import host_group
 
 RESULTS_FILE = "results.json"
@@ -263,6 +265,46 @@ def check_run_dir_shared(
             f"that rank 0 (on {answers[0][0]}) wrote within {wait_s:g} s. {use}: put it on a volume every host "
             "mounts at the same path (an absolute path; a relative one is read from each rank's working directory)"
         )
+
+
+def check_same_config_on_every_rank(config: ExperimentConfig, shown: int = 5) -> None:
+    """Raises on every rank when the ranks were started with different settings (another config file on one
+    host, an override given to some ranks only): a table's width that differed failed deep in torchrec's sharding
+    ("Shard tensor size does not match with metadata.shard_lengths"), and a setting that keeps every shape (a
+    learning rate, ``train.epochs``) trained each rank's replica of the dense part otherwise, or left one rank
+    waiting in a collective the others never made.
+
+    Args:
+        config (ExperimentConfig): this rank's experiment, as its command line and config file made it.
+        shown (int): at most this many differing keys are named per rank.
+
+    Raises:
+        ConfigError: naming each rank whose settings differ from rank 0's, with the keys and both values
+            (:func:`~recsys_llm.train.config.config_differences`).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    settings = config.to_dict()
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    digests: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest, group=host_group())
+    if len(set(digests)) == 1:
+        return
+    everyone: List[Any] = [None] * dist.get_world_size()  # only when they differ: the settings to name
+    dist.all_gather_object(everyone, settings, group=host_group())
+    first = config_from_dict(everyone[0], "rank 0's settings")
+    lines = []
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        differences = config_differences(first, config_from_dict(theirs, f"rank {rank}'s settings"))
+        if differences:
+            more = f" (and {len(differences) - shown} more)" if len(differences) > shown else ""
+            lines.append(f"rank {rank}: {'; '.join(differences[:shown])}{more}")
+    if not lines:  # the same settings written otherwise (a plug-in's default given on one rank only)
+        return
+    raise ConfigError("the ranks were started with different settings (rank 0's -> theirs): " + " | ".join(lines)
+                      + ". Every rank must run the same --config and overrides: the same config file on every host")
 
 
 def check_run_dir_is_ours(run_dir: str) -> None:

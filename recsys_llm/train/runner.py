@@ -112,6 +112,7 @@ from recsys_llm.train.run_records import (
     check_data_unchanged,
     check_run_dir_is_ours,
     check_run_dir_shared,
+    check_same_config_on_every_rank,
     check_same_data,
     check_same_entity_vectors,
     check_same_field_vectors,
@@ -258,6 +259,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     train_cfg = config.train
     autocast = autocast_dtype(train_cfg.mixed_precision, ctx.device)  # bf16 on a GPU without it: refused at once
     run_dir = train_cfg.run_dir  # created only once every check has passed: a refused run leaves nothing
+    check_same_config_on_every_rank(config)  # another config file on one host: refused, naming the keys
     check_run_dir_shared(run_dir)  # before any rank decides from what it finds there (whether to resume, ...)
     check_run_dir_is_ours(run_dir)
     _, elec = parse_plugin_sections(config)  # before the data is made: a bad llactr / elec value is refused at once

@@ -556,3 +556,37 @@ def test_a_days_data_without_valid_and_test_splits_names_both_settings_at_once(s
                                           r"test split$"):
         check_split_names(_config(synthetic_dir, "data.valid_split="), day)
     check_split_names(_config(synthetic_dir, "data.valid_split=", "data.test_split="), day)
+
+
+def _config_check(schema_dir: str, root: str, rank_one: List[str]) -> str:
+    """Rank 1 adds the overrides ``rank_one`` (another copy of the config file on its host); what the check raises."""
+    from recsys_llm.train.distributed import init_distributed
+    from recsys_llm.train.run_records import check_same_config_on_every_rank
+
+    ctx = init_distributed("cpu")
+    try:
+        check_same_config_on_every_rank(_config(schema_dir, f"train.run_dir={root}/run",
+                                                *(rank_one if ctx.rank == 1 else [])))
+    except ConfigError as exc:
+        return str(exc)
+    return "passed"
+
+
+@pytest.mark.multiprocess
+def test_ranks_started_with_different_settings_are_refused_on_every_rank_naming_the_keys(synthetic_dir: str,
+                                                                                         tmp_path) -> None:
+    """A config file that differed on one host failed in torchrec's sharding ("Shard tensor size does not match with
+    metadata.shard_lengths"), and a setting that keeps the shapes trained each rank's dense replica otherwise.
+    The same settings written otherwise (the data directory's schema.json for the directory) pass."""
+    from tests.multiprocess import run_multiprocess
+
+    schema_json = os.path.join(synthetic_dir, "schema.json")
+    same = run_multiprocess(_config_check, world_size=2, schema_dir=synthetic_dir, root=str(tmp_path),
+                            rank_one=[f"data.schema={schema_json}"])
+    assert same == ["passed"] * 2
+    errors = run_multiprocess(_config_check, world_size=2, schema_dir=synthetic_dir, root=str(tmp_path),
+                              rank_one=["model.embedding_dim=8", "optim.dense_lr=0.01"])
+    assert errors[0] == errors[1] == (
+        "the ranks were started with different settings (rank 0's -> theirs): rank 1: model.embedding_dim: 16 -> 8; "
+        "optim.dense_lr: 0.001 -> 0.01. Every rank must run the same --config and overrides: the same config file on "
+        "every host")
