@@ -4,6 +4,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_llm.models.embedding import FILLED_BEFORE_SHARDING
 from recsys_llm.modules.semantic_table import SemanticTable, load_semantic_vectors
 from recsys_llm.semantics.vector_export import ProvenanceError, VectorExport, VectorExportConfig
 
@@ -41,6 +42,8 @@ class TestSemanticTable:
         out = module(item_kjt(items))
         assert out.shape == (4, DIM) and not out.requires_grad  # detached: never trained
         torch.testing.assert_close(out, torch.from_numpy(table[items.numpy()]))
+        # shard_model would allocate the table's shards afresh: it refuses a table filled before sharding
+        assert getattr(module.embedding_bag_collection, FILLED_BEFORE_SHARDING) == "load_semantic_vectors"
 
     def test_errors(self, tmp_path):
         write_item_vectors(str(tmp_path / "items"))
