@@ -36,7 +36,14 @@ from recsys_llm.semantics.model_loading import (
     resolve_dtype,
     tokenizer_fits_model,
 )
-from recsys_llm.semantics.pooling import directory_pooling, hidden_states, hidden_width, pool, resolve_pooling
+from recsys_llm.semantics.pooling import (
+    directory_pooling,
+    hidden_states,
+    hidden_width,
+    pool,
+    resolve_pooling,
+    warn_of_longer_max_length,
+)
 
 
 class NumberRule(NamedTuple):
@@ -140,6 +147,7 @@ class TextEncoder:
         model = load_model(path, self._device, resolve_dtype(dtype, self._device), trust_remote_code)
         pooling = directory_pooling(pooling, path)
         self._setup(model, tokenizer, pooling, batch_size, max_length, model_id=os.path.abspath(path))
+        warn_of_longer_max_length(path, self._max_length)
         self._model_path: Optional[str] = path
         # the weights as the files hold them: changed since, they are fingerprinted by their values
         self._loaded_versions: Optional[WeightVersions] = weight_versions(self._model)

@@ -136,6 +136,25 @@ def warn_of_modules_not_applied(model_path: str) -> None:
         )
 
 
+def warn_of_longer_max_length(model_path: str, max_length: int) -> None:
+    """Warns, naming ``sentence_bert_config.json``, when a sentence-transformers directory declares a
+    ``max_seq_length`` below ``max_length`` (``--max-length``): its own ``encode`` cuts texts at the declared
+    length (the length the model was tuned for), and here they are read up to ``max_length`` tokens, so the
+    vectors of longer texts differ from its own."""
+    path = os.path.join(model_path, "sentence_bert_config.json")
+    if not os.path.isfile(path):
+        return
+    config = read_json_file(path, "; the model directory is damaged")
+    declared = config.get("max_seq_length") if isinstance(config, dict) else None
+    if isinstance(declared, int) and not isinstance(declared, bool) and 0 < declared < max_length:
+        warnings.warn(
+            f"{path}: declares max_seq_length {declared}, below --max-length {max_length}: texts are read up to "
+            f"{max_length} tokens, past the length the model was tuned for (sentence-transformers' encode cuts them "
+            f"at {declared}); pass --max-length {declared} (max_length={declared}) for its own vectors",
+            stacklevel=3,
+        )
+
+
 def directory_pooling(pooling: str, model_path: str) -> str:
     """``pooling``; for ``auto``, the pooling a sentence-transformers directory declares, when it declares one
     computed here (:func:`sentence_transformers_pooling`), else ``auto`` (left to :func:`resolve_pooling`).

@@ -1,4 +1,8 @@
+import json
+import os
 import re
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -195,3 +199,16 @@ def test_an_encoders_fingerprint_follows_its_model_trained_in_place_between_enco
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert given.model_hash == "mine"  # a caller's fingerprint is kept as given
+
+
+def test_a_sentence_transformers_max_seq_length_below_max_length_is_warned(tmp_path) -> None:
+    """A sentence-transformers directory whose sentence_bert_config.json declares max_seq_length 8: texts read up
+    to --max-length 256 tokens are past what the model's own encode reads; the warning names the file."""
+    path = shutil.copytree(default_model_path(), str(tmp_path / "st8"))
+    with open(os.path.join(path, "sentence_bert_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"max_seq_length": 8, "do_lower_case": False}, handle)
+    with pytest.warns(UserWarning, match=r"sentence_bert_config\.json: declares max_seq_length 8, below --max-length 256"):
+        TextEncoder(path, max_length=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TextEncoder(path, max_length=8)  # at the declared length: no warning
