@@ -442,6 +442,17 @@ DAMAGES: Dict[str, Tuple[Callable[[str], None], str, str]] = {
                                   r"file missing"),
     "dense_program.pt2 missing": (lambda d: os.remove(os.path.join(d, "dense_program.pt2")), "dense_program.pt2",
                                   r"file missing"),
+    # a FIFO's read would wait for good; a directory or a dangling link was "file missing"
+    "model.safetensors a FIFO": (lambda d: (os.remove(os.path.join(d, "model.safetensors")),
+                                            os.mkfifo(os.path.join(d, "model.safetensors"))), "model.safetensors",
+                                 r"is a named pipe \(FIFO\), not a file"),
+    "tables.json a directory": (lambda d: (os.remove(os.path.join(d, "tables.json")),
+                                           os.mkdir(os.path.join(d, "tables.json"))), "tables.json",
+                                r"is a directory, not a file"),
+    "dense_program.pt2 a dangling link": (lambda d: (os.remove(os.path.join(d, "dense_program.pt2")),
+                                                     os.symlink("/nonexistent/p.pt2", os.path.join(d, "dense_program.pt2"))),
+                                          "dense_program.pt2", r"is a symbolic link to /nonexistent/p\.pt2, which leads "
+                                                               r"to no file"),
     "config.json nested past the recursion limit": (
         lambda d: open(os.path.join(d, "config.json"), "w").write("[" * 100_000 + "]" * 100_000), "config.json",
         r"not valid JSON \(RecursionError"),

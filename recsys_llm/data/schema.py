@@ -38,7 +38,7 @@ import yaml
 
 from recsys_llm.atomic_dir import write_text_atomically
 from recsys_llm.error_text import one_line
-from recsys_llm.paths import is_plain_file_name
+from recsys_llm.paths import is_plain_file_name, not_a_regular_file
 
 
 def schema_file(path: str) -> str:
@@ -652,6 +652,9 @@ def load_raw(path: str) -> Any:
     """
     if not os.path.exists(path):
         raise SchemaError(f"{path}: schema file not found")
+    found = not_a_regular_file(path)
+    if found is not None:  # a FIFO: a read would wait for good
+        raise SchemaError(f"{path}: is {found}, not a schema file; expected a schema file (JSON or YAML)")
     with open(path, "rb") as handle:
         if handle.read(4) == b"PAR1":  # a data file where a schema was expected (--data / --schema / data.schema)
             raise SchemaError(f"{path}: a Parquet data file, not a schema; expected a schema file (JSON or YAML) or "

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
+from recsys_llm.paths import not_a_regular_file
 
 #: Parquet key-value metadata key holding the JSON field specs a file was written with.
 FIELDS_METADATA_KEY = b"recsys_llm.fields"
@@ -43,6 +44,9 @@ class DataError(ValueError):
 # ---- opening files ------------------------------------------------------------------------------
 def open_parquet(path: str) -> pq.ParquetFile:
     """Opens a Parquet file, turning pyarrow's errors into a :class:`DataError` naming the file."""
+    found = not_a_regular_file(path)
+    if found is not None:  # pyarrow would block for good on a FIFO, deaf to Ctrl-C and SIGTERM
+        raise DataError(f"{path}: {found}, not a Parquet file; expected a Parquet file of the data")
     try:
         return pq.ParquetFile(path)
     except FileNotFoundError as error:

@@ -34,6 +34,7 @@ from safetensors.torch import save
 from recsys_llm.atomic_dir import check_no_file_above, check_writable, write_bytes_atomically
 from recsys_llm.data.schema import SEMANTIC_FIELD_KEYS, DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
+from recsys_llm.paths import not_a_regular_file
 from recsys_llm.semantics.encoder import text_list
 
 FORMAT_VERSION = "1"
@@ -276,8 +277,9 @@ def load_vectors(
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: vector file not found")
-    if os.path.isdir(path):  # safetensors would say "No such device (os error 19)"
-        raise VectorProvenanceError(f"{path}: is a directory, not a field-vector file; give the .safetensors file "
+    found = not_a_regular_file(path)
+    if found is not None:  # safetensors would say "No such device (os error 19)" of a directory, and wait on a FIFO
+        raise VectorProvenanceError(f"{path}: is {found}, not a field-vector file; give the .safetensors file "
                                     "`recsys-llm semantics encode --output` wrote")
     try:
         with safe_open(path, framework="pt") as handle:

@@ -26,7 +26,7 @@ from recsys_llm.data.tabular.raw_values import prepared_plan, raw_value_ids
 from recsys_llm.data.tabular.tokens import FieldPlan, with_lookup
 from recsys_llm.error_text import telling_line
 from recsys_llm.id_rules import IdRules
-from recsys_llm.paths import is_plain_file_name
+from recsys_llm.paths import file_problem, is_plain_file_name
 from recsys_llm.serving.artifact import (
     CONFIG_DIGEST_KEY,
     DENSE_DTYPE,
@@ -107,10 +107,17 @@ def _raise_damaged(path: str, problem: str, error: Optional[BaseException] = Non
     ) from error
 
 
+def _require_file(path: str) -> None:
+    """Raises (damaged) when the artifact file ``path`` is missing, or no regular file (a directory, a FIFO, whose
+    read would wait for good, a dangling link), naming what it is."""
+    problem = file_problem(path)
+    if problem is not None:
+        _raise_damaged(path, "file missing" if problem == "missing" else f"is {problem}, not a file")
+
+
 def _read_json(path: str) -> Any:
     """The JSON value of an artifact file (a damaged or missing one is a ValueError naming it)."""
-    if not os.path.isfile(path):
-        _raise_damaged(path, "file missing")
+    _require_file(path)
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -151,8 +158,7 @@ def _load_raw_id_ways(directory: str, config_path: str, config: Dict[str, Any]) 
         return None
     for name in sorted(config.get(DIGESTS_KEY, {})):
         if name.startswith(f"{RAW_IDS_DIR}/"):
-            if not os.path.isfile(os.path.join(directory, name)):
-                _raise_damaged(os.path.join(directory, name), "file missing")
+            _require_file(os.path.join(directory, name))
             _check_digest(directory, config, name)
     try:
         return load_raw_id_ways(directory, recorded)
@@ -588,8 +594,7 @@ class ServedModel(nn.Module):
                 "alone holds weights only (safetensors.torch.load_file)"
             )
         state_path = os.path.join(directory, config["state"])
-        if not os.path.isfile(state_path):
-            _raise_damaged(state_path, "file missing")
+        _require_file(state_path)
         try:
             with safe_open(state_path, framework="pt") as handle:  # weights only
                 state = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -610,8 +615,7 @@ class ServedModel(nn.Module):
         semantic = None
         if config.get("semantic_tables"):
             semantic = _load_ebc(directory, config, config["semantic_tables"], state, SEMANTIC_TABLES_PREFIX, weighted)
-        if not os.path.isfile(program_path):
-            _raise_damaged(program_path, "file missing")
+        _require_file(program_path)
         # the export id and the digest before torch.export.load, which runs code stored in the file
         try:
             program_export_id = _program_export_id(program_path)

@@ -85,7 +85,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper, Optim
 from recsys_llm.atomic_dir import fsync_directory, write_text_atomically
 from recsys_llm.data.validation import check_number
 from recsys_llm.file_hash import file_sha256, files_sha256
-from recsys_llm.paths import is_plain_file_name
+from recsys_llm.paths import file_problem, is_plain_file_name
 from recsys_llm.train.checkpoint_reader import (
     SafeFileSystemReader,
     WeightsOnlyLoadPlanner,
@@ -408,6 +408,17 @@ class CheckpointManager:
                 by_step.setdefault(int(match.group(1)), path)
         return [by_step[step] for step in sorted(by_step)]
 
+    def incomplete_after(self, global_step: int) -> List[str]:
+        """``ckpt-N`` directories past ``global_step`` that are not complete checkpoints (no regular
+        ``train_state.json``). A save fills ``ckpt-N.tmp`` and renames it whole, so such a directory is damage
+        (a file deleted or replaced by hand), not an interrupted save: a resume that passes over it says so."""
+        if not os.path.isdir(self._directory):
+            return []
+        return [os.path.join(self._directory, name) for name in sorted(os.listdir(self._directory))
+                if (match := _CKPT_RE.match(name)) and not match.group(2) and int(match.group(1)) > global_step
+                and os.path.isdir(os.path.join(self._directory, name))
+                and not is_complete(os.path.join(self._directory, name))]
+
     def latest(self) -> Optional[str]:
         """The newest complete checkpoint, else None.
 
@@ -613,6 +624,9 @@ def verify_digests(path: str) -> None:
     """
     digests_file = os.path.join(path, DIGESTS_FILE)
     if not os.path.isfile(digests_file):
+        if os.path.lexists(digests_file):  # a directory, FIFO or dangling link: not a checkpoint saved without one
+            raise damaged_checkpoint_error(digests_file, ValueError(f"{file_problem(digests_file)}, expected the file "
+                                                                    "of the checkpoint's digests"))
         return
     try:
         with open(digests_file, encoding="utf-8") as handle:
@@ -738,8 +752,9 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
         _set_table_optimizer_step(model, state.table_optimizer_step)
     rng_file = os.path.join(path, f"rank{_rank():05d}.pt")
     if restore_rng and state.world_size == _world_size():
-        if not os.path.isfile(rng_file):  # every rank writes one: without it the resume is not exact
-            raise damaged_checkpoint_error(rng_file, FileNotFoundError("missing"))
+        problem = file_problem(rng_file)
+        if problem is not None:  # every rank writes one: without it the resume is not exact
+            raise damaged_checkpoint_error(rng_file, FileNotFoundError(problem))
         try:
             rng_state = torch.load(rng_file, weights_only=True)
             _set_rng_state(rng_state)

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
 from recsys_llm.error_text import weights_only_reason
-from recsys_llm.paths import is_plain_file_name
+from recsys_llm.paths import file_problem, is_plain_file_name, not_a_regular_file
 
 
 class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -95,6 +95,13 @@ def _require_own_data_files(path: str, metadata: Metadata) -> None:
                 "directory; a checkpoint's data files are its own: refusing to read it (copy the checkpoint with its "
                 "files, `cp -rL`, if you trust that target)"
             )
+        found = not_a_regular_file(target)
+        if found is not None:  # a FIFO would block DCP's read for good
+            raise ValueError(
+                f"{os.path.join(os.path.dirname(path), name)}: {found}, not a file; expected the checkpoint's data "
+                "file that DCP wrote: a damaged checkpoint; delete its checkpoint directory to resume from the one "
+                "before"
+            )
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -110,7 +117,11 @@ class SafeFileSystemReader(FileSystemReader):
         name = ".metadata" if rank is None else f"__{rank}.metadata"
         path = os.path.join(str(self.path), name)
         if path not in self._metadata_by_path:
-            if not os.path.isfile(path):
+            problem = file_problem(path)
+            if problem not in (None, "missing"):  # a directory, a FIFO (a read would wait for good), a dangling link
+                raise damaged_checkpoint_error(path, ValueError(f"{problem}, expected the checkpoint's index of its "
+                                                                "tensors (a file)"))
+            if problem is not None:
                 raise FileNotFoundError(
                     f"{path}: missing: the checkpoint's index of its tensors, a hidden file that a copy made with "
                     "`cp checkpoint/*` leaves out (copy the directory whole: cp -r); a checkpoint of a run without "

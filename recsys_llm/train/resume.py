@@ -3,12 +3,19 @@ another world size or batch size."""
 
 import json
 import sys
+import warnings
 from typing import Any, Dict, Optional
 
 from torchrec.distributed.types import ShardingPlan
 
 from recsys_llm.data.parquet import ParquetBatchReader, default_shuffle_buffer_rows
-from recsys_llm.train.checkpoint import STOP_BUDGET, CheckpointManager, TrainState, read_train_state
+from recsys_llm.train.checkpoint import (
+    STOP_BUDGET,
+    TRAIN_STATE_FILE,
+    CheckpointManager,
+    TrainState,
+    read_train_state,
+)
 from recsys_llm.train.config import ConfigError, TrainConfig
 from recsys_llm.train.distributed import DistContext
 from recsys_llm.train.process import seed_everything
@@ -31,8 +38,9 @@ def reopen_for_budget(state: TrainState, train_cfg: TrainConfig) -> TrainState:
     return state
 
 
-def resume_point(checkpoints: CheckpointManager, best: CheckpointManager) -> Optional[str]:
-    """The newest complete checkpoint of ``checkpoints/`` and ``best/`` (``checkpoints/`` on a tie).
+def resume_point(checkpoints: CheckpointManager, best: CheckpointManager, *, warn: bool = True) -> Optional[str]:
+    """The newest complete checkpoint of ``checkpoints/`` and ``best/`` (``checkpoints/`` on a tie); ``warn``:
+    name a newer ``ckpt-N`` that is incomplete (damaged) and passed over (a second look of the same start, not).
 
     A ``best/`` checkpoint is a full snapshot of the run (weights, optimizer, RNG, position,
     train state equal to the periodic checkpoint that follows it at the same step), so when a
@@ -40,7 +48,17 @@ def resume_point(checkpoints: CheckpointManager, best: CheckpointManager) -> Opt
     from it instead of starting again from scratch beside it.
     """
     found = [path for path in (checkpoints.latest(), best.latest()) if path is not None]
-    return max(found, key=lambda path: read_train_state(path).global_step) if found else None
+    steps = {path: read_train_state(path).global_step for path in found}
+    chosen = max(found, key=steps.__getitem__) if found else None
+    step = steps[chosen] if chosen is not None else -1
+    passed_over = checkpoints.incomplete_after(step) + best.incomplete_after(step) if warn else []
+    if passed_over:  # the resume's next save of that step replaces it: say what is lost
+        warnings.warn(f"{', '.join(passed_over)}: newer than the checkpoint this run resumes from "
+                      f"({chosen or 'none: it starts again'}), but incomplete: its {TRAIN_STATE_FILE} is missing or "
+                      "not a file (a save writes it last, and renames the checkpoint into place whole: this is "
+                      "damage, not an interrupted save); passed over, and replaced when the run saves that step "
+                      "again: copy it away first to keep it", stacklevel=2)
+    return chosen
 
 
 def _shuffled_otherwise(state: TrainState, reader: ParquetBatchReader, shuffle: bool) -> bool:

@@ -298,7 +298,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                                     before_save=note)
     best = CheckpointManager(os.path.join(run_dir, "best"), keep=1, before_save=note)
-    earlier = resume_point(checkpoints, best)
+    earlier = resume_point(checkpoints, best, warn=ctx.is_main)  # a newer damaged checkpoint: named once
     latest = earlier if train_cfg.resume else None
     init_record: Optional[Dict[str, Any]] = None
     if earlier is None:  # a run with checkpoints of its own goes on from them
@@ -400,7 +400,7 @@ def _lock_as_checked(run_dir: str, checkpoints: CheckpointManager, best: Checkpo
         ConfigError: another job holds the lock, or wrote (or removed) checkpoints since the checks.
     """
     lock = lock_run_dir(run_dir)
-    now = resume_point(checkpoints, best)
+    now = resume_point(checkpoints, best, warn=False)  # the first look warned
     if now != checked:
         lock.close()
         raise ConfigError(

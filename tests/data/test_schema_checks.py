@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -273,3 +274,11 @@ def test_schema_built_in_python_takes_a_path_root_and_refuses_a_label_or_root_of
         DatasetSchema("n", fields, label=1)
     with pytest.raises(SchemaError, match="root must be a string, got 3"):
         DatasetSchema("n", fields, root=3)
+
+
+def test_a_schema_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path) -> None:
+    """data.schema naming a named pipe: the read waited for a writer for good."""
+    path = tmp_path / "schema.json"
+    os.mkfifo(path)
+    with pytest.raises(SchemaError, match=r"schema\.json: is a named pipe \(FIFO\), not a schema file"):
+        DatasetSchema.load(str(path))

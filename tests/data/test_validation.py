@@ -15,7 +15,7 @@ from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import read_schema_and_check
 from recsys_llm.data.parquet_writer import arrow_schema_for, list_array
 from recsys_llm.data.schema import DatasetSchema, FieldKind, FieldSpec
-from recsys_llm.data.validation import FIELDS_METADATA_KEY, DataError, check_number
+from recsys_llm.data.validation import FIELDS_METADATA_KEY, DataError, check_number, open_parquet
 
 
 def _schema(hashed: bool = False) -> DatasetSchema:
@@ -59,6 +59,14 @@ def test_valid_file_reads(tmp_path):
     path = _write(str(tmp_path / "ok.parquet"), schema)
     assert sum(b.batch_size for b in _read_all(schema, path)) == 6
     assert read_schema_and_check(schema, path) == 6
+
+
+def test_a_fifo_in_place_of_a_split_file_is_refused_not_waited_on(tmp_path):
+    # pyarrow's open of a named pipe blocks until a writer comes, deaf to Ctrl-C and SIGTERM: a job hung for good
+    path = str(tmp_path / "train.parquet")
+    os.mkfifo(path)
+    with pytest.raises(DataError, match=rf"{re.escape(path)}: a named pipe \(FIFO\), not a Parquet file"):
+        open_parquet(path)
 
 
 def test_missing_column(tmp_path):

@@ -60,6 +60,14 @@ class TestVectorStore:
                                                         r"wrote"):
             load_vectors(str(tmp_path))
 
+    def test_a_fifo_is_refused_not_waited_on(self, tmp_path) -> None:
+        # llactr.vectors_path naming a named pipe: safetensors' open would block until a writer came
+        path = str(tmp_path / "v.safetensors")
+        os.mkfifo(path)
+        with pytest.raises(VectorProvenanceError, match=rf"{re.escape(path)}: is a named pipe \(FIFO\), not a "
+                                                        r"field-vector file"):
+            load_vectors(path)
+
     def test_expected_mismatch_and_bad_shapes(self, tmp_path) -> None:
         path = str(tmp_path / "v.safetensors")
         save_vectors(path, torch.randn(2, 8), ["a", "b"], _provenance())

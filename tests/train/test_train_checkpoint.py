@@ -21,6 +21,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.models.embedding import embedding_bag_configs
 from recsys_llm.train.checkpoint import (
     DIGESTS_FILE,
+    TRAIN_STATE_FILE,
     CheckpointManager,
     TrainState,
     is_complete,
@@ -604,6 +605,48 @@ def test_a_data_file_linked_inside_the_checkpoint_still_loads(tmp_path) -> None:
     assert torch.equal(target.weight, saved.weight)
 
 
+def test_a_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path) -> None:
+    """A named pipe in place of ``__0_0.distcp`` (inside the checkpoint directory, so no link leaves it): DCP's
+    ``open`` would block until a writer opened the pipe, a job hung for good; it is refused, naming the file."""
+    path = _checkpoint_and_another_beside_it(tmp_path)
+    os.remove(path / "__0_0.distcp")
+    os.mkfifo(path / "__0_0.distcp")
+    _refused_leaving_the_weights(path, r"ckpt-00000001/__0_0\.distcp: a named pipe \(FIFO\), not a file")
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling link"])
+def test_a_digests_file_that_is_no_file_is_refused_not_skipped(tmp_path, monkeypatch, kind) -> None:
+    """files.sha256.json as a directory or a dangling link is damage, not a checkpoint saved without digests:
+    the check of every file's bytes is not skipped in silence."""
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    path = manager.save(nn.Linear(2, 1), None, TrainState(global_step=1))
+    digests = os.path.join(path, DIGESTS_FILE)
+    os.remove(digests)
+    os.mkdir(digests) if kind == "directory" else os.symlink(str(tmp_path / "gone"), digests)
+    expected = "a directory" if kind == "directory" else "a symbolic link to .*gone, which leads to no file"
+    with pytest.raises(ValueError, match=rf"{re.escape(digests)}: cannot be read back \({expected}, expected the "
+                                         r"file of the checkpoint's digests\)"):
+        load_checkpoint(path, nn.Linear(2, 1))
+
+
+def test_a_resume_passing_over_a_newer_damaged_checkpoint_says_so(tmp_path, monkeypatch) -> None:
+    """A ``ckpt-N`` whose train_state.json was deleted or replaced (by a FIFO) is no interrupted save (a save
+    renames its directory whole): the resume goes on from the one before, and warns, naming it, that its next
+    save of that step replaces it."""
+    from recsys_llm.train.resume import resume_point
+
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path / "checkpoints"), keep=0)
+    older = manager.save(nn.Linear(2, 1), None, TrainState(global_step=1))
+    newer = manager.save(nn.Linear(2, 1), None, TrainState(global_step=2))
+    os.remove(os.path.join(newer, TRAIN_STATE_FILE))
+    os.mkfifo(os.path.join(newer, TRAIN_STATE_FILE))
+    with pytest.warns(UserWarning, match=rf"{re.escape(newer)}: newer than the checkpoint this run resumes from "
+                                         rf"\({re.escape(older)}\), but incomplete"):
+        assert resume_point(manager, CheckpointManager(str(tmp_path / "best"))) == older
+
+
 def test_a_crafted_rng_file_is_refused_without_advice_to_load_it(tmp_path, monkeypatch) -> None:
     """rank<N>.pt is read with torch.load(weights_only=True); its refusal names the file and the reason,
     not torch's first line ("... Re-running torch.load with weights_only set to False will likely succeed")."""
@@ -1154,6 +1197,23 @@ def test_a_checkpoint_without_its_hidden_metadata_file_says_so(tmp_path, monkeyp
     message = str(error.value)
     assert message.startswith(os.path.join(checkpoint, ".metadata") + ": missing") and "\n" not in message
     assert "cp -r" in message and "delete its checkpoint directory" in message
+    os.mkfifo(os.path.join(checkpoint, ".metadata"))  # a read would wait for good: named as what it is
+    with pytest.raises(ValueError, match=rf"^{re.escape(os.path.join(checkpoint, '.metadata'))}: cannot be read back "
+                                         r"\(a named pipe \(FIFO\), expected the checkpoint's index of its tensors"):
+        load_checkpoint(checkpoint, nn.Linear(2, 1))
+
+
+def test_an_rng_file_that_is_no_file_is_named_as_what_it_is(tmp_path, monkeypatch) -> None:
+    """rank<N>.pt as a directory or a dangling link was reported "missing"."""
+    _state_only_dcp(monkeypatch)
+    path = CheckpointManager(str(tmp_path), keep=1).save(nn.Linear(2, 1), None, TrainState(global_step=1))
+    rng_file = os.path.join(path, "rank00000.pt")
+    os.remove(rng_file)
+    os.symlink(str(tmp_path / "gone.pt"), rng_file)
+    os.remove(os.path.join(path, DIGESTS_FILE))
+    with pytest.raises(ValueError, match=rf"^{re.escape(rng_file)}: cannot be read back \(a symbolic link to "
+                                         rf"{re.escape(str(tmp_path / 'gone.pt'))}, which leads to no file\)"):
+        load_checkpoint(path, nn.Linear(2, 1))
 
 
 def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint_that_looks_complete(tmp_path, monkeypatch) -> None:
