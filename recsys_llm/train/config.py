@@ -562,10 +562,11 @@ RESUME_FREE_KEYS = frozenset({
     "data.valid_split", "data.test_split",
 })
 # paths a resumed, evaluated or exported run may name elsewhere (moved, or copied with the run
-# directory to another host): its checkpoint holds what they held (LLaCTR's field vectors), and the
-# new file's content is compared through plugins.json (run_records.check_same_field_vectors), so
-# they may move only where that record has their section
-MOVABLE_PATH_KEYS = {"llactr.vectors_path": "llactr"}
+# directory to another host), each with the plugins.json key that vouches for what the new path holds: LLaCTR's
+# field vectors (the checkpoint holds them; their provenance is compared, run_records.check_same_field_vectors) and
+# the data (its schema, vocabularies and splits' fingerprints are compared, check_trained_on / check_same_data);
+# they may move only where that record has the key
+MOVABLE_PATH_KEYS = {"llactr.vectors_path": "llactr", "data.schema": "data_fingerprints"}
 PLUGINS_FILE = "plugins.json"  # beside a run's config.yaml: what its plug-ins were built from
 # paths compared as the files they name (relative to the working directory, or absolute)
 PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",

@@ -868,7 +868,8 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_row(synthetic_di
     assert out["resumed"]["global_step"] == 4 + out["batches_of_512"] - 8
 
 
-def _resume_on_data_prepared_again(root: str, rows: int, seed: int) -> Dict[str, Any]:
+def _resume_on_data_prepared_again(root: str, rows: int, seed: int, moved: bool) -> Dict[str, Any]:
+    """``moved``: the data is prepared again in another directory, which the resume names."""
     from recsys_llm.data.synthetic import generate_synthetic
 
     data, run_dir = os.path.join(root, "data"), os.path.join(root, "run")
@@ -881,7 +882,9 @@ def _resume_on_data_prepared_again(root: str, rows: int, seed: int) -> Dict[str,
 
     before = contents()
     shutil.rmtree(data)
-    generate_synthetic(data, rows, seed=seed)  # the same directory, prepared again
+    if moved:
+        data = os.path.join(root, "moved", "data")
+    generate_synthetic(data, rows, seed=seed)  # the same directory, prepared again (or another one)
     try:
         _run(data, run_dir, ["train.epochs=1", "train.max_steps=2"])
         error = None
@@ -896,9 +899,14 @@ def _resume_on_data_prepared_again(root: str, rows: int, seed: int) -> Dict[str,
     (2000, 1, "the vocabulary of field(s) ['item_id', 'user_id'] in"),
     (2000, 0, None),  # the same data written again: the run goes on
 ])
+@pytest.mark.parametrize("moved", [False, True])  # the data directory moved: the same checks of what it holds
 @pytest.mark.multiprocess
-def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(tmp_path, rows, seed, refusal) -> None:
-    (out,) = run_multiprocess(_resume_on_data_prepared_again, world_size=1, root=str(tmp_path), rows=rows, seed=seed)
+def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(tmp_path, rows, seed, refusal,
+                                                                               moved) -> None:
+    """A run whose data directory moved went on only from a symbolic link at the old path (a data.schema naming
+    the new one was "other settings"): it goes on where the data's record (plugins.json) vouches for it."""
+    (out,) = run_multiprocess(_resume_on_data_prepared_again, world_size=1, root=str(tmp_path), rows=rows, seed=seed,
+                              moved=moved)
     if refusal is None:
         assert out["error"] is None
         return
