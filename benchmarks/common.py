@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,6 +37,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_no_file_above, save_figure_atomically, write_text_atomically
+from recsys_llm.env import machine_description
 from recsys_llm.progress import bar_options
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -222,17 +222,6 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str:
     """The checkout's commit; the benchmark results and their README, which a ``make bench``
     run rewrites, do not make it dirty."""
@@ -266,20 +255,12 @@ def machine_info() -> Dict[str, Any]:
             "cuda": torch.version.cuda,
         }
     try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable_cores = os.cpu_count() or 1
-    try:
         load_average = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load_average = []
     return {
         "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores,
+        **machine_description(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_end": load_average,
         "gpu": gpu,

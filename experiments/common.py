@@ -485,11 +485,21 @@ def markdown_table(table: Dict[str, Dict], columns: Sequence[str], baseline: Opt
     return "\n".join(lines)
 
 
+def machine_record() -> Dict:
+    """The machine a table was computed on (:func:`~recsys_llm.env.machine_description`) and its torch, fbgemm-gpu
+    and torchrec versions: the same code and seeds gave +both +0.49% on an Intel Xeon and +0.59% on an AMD EPYC
+    (docs/results.md), and the tables' JSONs named only the commit."""
+    from recsys_llm.env import installed_versions, machine_description
+
+    return {**machine_description(), "versions": {name: v for name, v in installed_versions().items() if v}}
+
+
 def write_outputs(out_dir: str, name: str, payload: Dict, markdown: str) -> None:
-    """``<name>.json`` (with the code's commit, ``git_commit``) and ``<name>.md`` in ``out_dir``."""
+    """``<name>.json`` (with the code's commit, ``git_commit``, and the machine, ``machine``: CPU, platform and
+    library versions) and ``<name>.md`` in ``out_dir``."""
     from recsys_llm.env import source_commit
 
-    payload = {**payload, "git_commit": source_commit(ignore=("results",))}
+    payload = {**payload, "git_commit": source_commit(ignore=("results",)), "machine": machine_record()}
     os.makedirs(out_dir, exist_ok=True)
     write_text_atomically(os.path.join(out_dir, f"{name}.json"), json.dumps(payload, indent=2, sort_keys=True, default=float))
     write_text_atomically(os.path.join(out_dir, f"{name}.md"), markdown + "\n")

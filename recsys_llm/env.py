@@ -64,6 +64,29 @@ def installed_versions() -> Dict[str, str]:
     return versions
 
 
+def machine_description() -> Dict[str, Any]:
+    """The machine a result is computed on (float results differ between CPUs): its platform, Python, CPU model,
+    CPU count and the cores this process may use."""
+    try:
+        usable_cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        usable_cores = os.cpu_count() or 1
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(), "usable_cores": usable_cores}
+
+
+def _cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo, else what :mod:`platform` names."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def release(version: str) -> str:
     """``version`` without its local part: ``1.8.0`` of ``1.8.0+cu128`` (PyTorch's CUDA index)."""
     return version.split("+")[0]

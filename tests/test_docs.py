@@ -491,3 +491,119 @@ def test_every_command_line_of_the_guides_parses() -> None:
                 refused.append(f"{where}: {command}\n    {errors.getvalue().strip().splitlines()[-1]}")
     assert not refused, "\n".join(refused)
     assert len(commands) >= 50  # the README's workflows and the guides' recipes
+
+
+# The accuracy tables of README.md and docs/results.md whose first column is the backbone, in page order, and
+# the committed JSON each one quotes (a new table fails the count below until it is named here).
+ACCURACY_TABLES = {
+    "README.md": ["results/llactr_ml100k.json", "results/llactr_synthetic.json",
+                  "results/elec_all_seeds/first_seed_pick/elec_ml100k.json", "results/elec_synthetic.json"],
+    "docs/results.md": ["results/ml100k_backbones.json", "results/llactr_ml100k.json",
+                        "results/llactr_ml100k_random_vectors.json",
+                        "results/llactr_ml100k_reduced_ssft/llactr_ml100k.json",
+                        "results/elec_all_seeds/first_seed_pick/elec_ml100k.json",
+                        "results/elec_user_item/elec_ml100k.json", "results/llactr_synthetic.json",
+                        "results/elec_synthetic.json"],
+}
+# column header -> the variant's key in the JSON's table
+ACCURACY_COLUMNS = {"gain network": "gain", "swapped pairs": "student (frozen, swapped pairs)",
+                    "student (swapped pairs)": "student (frozen, swapped pairs)",
+                    "catalogue pairs": "student (frozen, catalogue pairs)",
+                    "student (catalogue pairs)": "student (frozen, catalogue pairs)"}
+
+
+def test_the_accuracy_tables_quote_the_committed_result_jsons() -> None:
+    """Every cell of the accuracy tables (mean ± std, relative gain and its sign, LogLoss, cold-item AUC and its
+    gain; the backbone table's AUC and LogLoss with their std) is its JSON's value, rounded as quoted."""
+    import json
+
+    cell = re.compile(r"(?P<auc>\d\.\d+) ± (?P<std>\d\.\d+)(?: \((?P<gain>[+-]\d+\.\d+)%\))? / (?P<logloss>\d\.\d+)"
+                      r"(?:; cold (?P<cold>\d\.\d+)(?: \((?P<cold_gain>[+-]\d+\.\d+)%\))?)?")
+
+    def same(quoted: str, value: float, where: str) -> None:
+        decimals = len(quoted.split(".")[1])
+        rounded = round(value, decimals)
+        assert float(quoted) == rounded and ((value < 0) == quoted.startswith("-") or rounded == 0), (
+            f"{where}: quotes {quoted}, the JSON has {value!r}")
+
+    checked = 0
+    for page, sources in ACCURACY_TABLES.items():
+        lines = _read(*page.split("/")).splitlines()
+        tables = [i for i, line in enumerate(lines) if line.startswith("| backbone |")]
+        assert len(tables) == len(sources), (page, [i + 1 for i in tables])
+        for start, source in zip(tables, sources):
+            with open(os.path.join(REPO, source), encoding="utf-8") as handle:
+                table = json.load(handle)["table"]
+            header = [c.strip() for c in lines[start].strip("|").split("|")]
+            for number, line in enumerate(lines[start + 2:], start + 3):
+                if not line.startswith("|"):
+                    break
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                backbone = cells[0]
+                for column, text in zip(header[1:], cells[1:]):
+                    where = f"{page}:{number} {backbone} / {column} vs {source}"
+                    if header[1:] == ["auc", "logloss"]:  # the backbone table: mean ± std of each metric
+                        mean, std = text.split(" ± ")
+                        same(mean, table[backbone][column]["mean"], where)
+                        same(std, table[backbone][column]["std"], where)
+                        checked += 1
+                        continue
+                    row, plain = table[backbone][ACCURACY_COLUMNS.get(column, column)], table[backbone]["plain"]
+                    found = cell.fullmatch(text)
+                    assert found, f"{where}: unparsed cell {text!r}"
+                    same(found["auc"], row["auc"]["mean"], where)
+                    same(found["std"], row["auc"]["std"], where)
+                    same(found["logloss"], row["logloss"]["mean"], where)
+                    if found["gain"] is not None:
+                        same(found["gain"], 100 * (row["auc"]["mean"] / plain["auc"]["mean"] - 1), where)
+                    if found["cold"] is not None:
+                        same(found["cold"], row["cold/auc"]["mean"], where)
+                    if found["cold_gain"] is not None:
+                        same(found["cold_gain"], 100 * (row["cold/auc"]["mean"] / plain["cold/auc"]["mean"] - 1),
+                             where)
+                    checked += 1
+    assert checked >= 200, checked
+
+
+def test_every_experiment_command_of_the_docs_parses(monkeypatch) -> None:
+    """The tables' commands (`python -m experiments.<name> ...` in the README, the guides and the experiments'
+    docstrings) are accepted by their script's options: test_every_command_line_of_the_guides_parses reads only
+    `recsys-llm` lines of code blocks, and these are inline in the prose."""
+    import argparse
+    import contextlib
+    import glob
+    import io
+    import shlex
+
+    class Parsed(Exception):
+        pass
+
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(parser, args=None, namespace=None):
+        parser.allow_abbrev = False  # the docs spell each flag out
+        raise Parsed(parse_args(parser, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    pages = ["README.md", "docs/results.md", "docs/usage.md", "docs/design.md", "benchmarks/README.md"] + sorted(
+        os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "experiments", "*.py")))
+    refused, checked = [], 0
+    for page in pages:
+        text = " ".join(_read(*page.split("/")).split())
+        for found in re.finditer(r"`python -m experiments\.(\w+)((?: [^`\"\[\]]*)?)`", text):
+            words = shlex.split(found.group(2))
+            if "..." in words or any(w.isupper() for w in words):  # a template (`... --out DIR`), not a command
+                continue
+            module = importlib.import_module(f"experiments.{found.group(1)}")
+            errors = io.StringIO()
+            monkeypatch.setattr("sys.argv", [found.group(1)] + words)
+            try:
+                with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+                    module.main(words) if module.main.__code__.co_argcount else module.main()
+                refused.append(f"{page}: {found.group(0)} ran without parsing its options")
+            except Parsed:
+                checked += 1
+            except SystemExit:
+                refused.append(f"{page}: {found.group(0)}\n    {errors.getvalue().strip().splitlines()[-1:]}")
+    assert not refused, "\n".join(refused)
+    assert checked >= 20, checked

@@ -422,3 +422,17 @@ def test_a_gain_over_an_undefined_auc_is_shown_as_unknown_not_nan():
     lines = markdown_table(table, ["auc"], baseline="plain").splitlines()
     assert lines[3] == "| better | 0.8400 | +5.00% |"
     assert lines[4].endswith("| – |")
+
+
+def test_a_tables_json_records_the_machine_it_was_computed_on(tmp_path):
+    """Float results differ between CPUs (docs/results.md: +0.49% on an Intel Xeon, +0.59% on an AMD EPYC, same code
+    and seeds); the tables' JSONs named the commit only, so which CPU made a committed table was in no file."""
+    import json
+
+    from experiments.common import write_outputs
+
+    write_outputs(str(tmp_path), "table", {"table": {}}, "md")
+    machine = json.loads((tmp_path / "table.json").read_text())["machine"]
+    assert machine["cpu_model"] and machine["cpu_count"] >= 1 and machine["usable_cores"] >= 1
+    assert machine["python"] and machine["platform"]
+    assert machine["versions"]["torch"] and machine["versions"]["torchrec"]
