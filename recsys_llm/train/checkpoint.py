@@ -687,7 +687,10 @@ def load_checkpoint(
         path (str): a complete checkpoint directory (holding ``train_state.json``; named ``ckpt-N`` in a
             run, or anything but ``*.tmp`` once copied out of it).
         model (nn.Module): the DMP model (any plan / world size: shards are re-cut).
-        optimizer (Optional[CombinedOptimizer]): also restores fused + dense optimizer state.
+        optimizer (Optional[CombinedOptimizer]): also restores fused + dense optimizer state (re-cut as the
+            weights, except row-wise Adagrad's: one value per row of each column shard, refused where this plan
+            splits a table's columns into another number of shards than the run's; a table replicated in one plan
+            and sharded in the other is refused too).
         restore_rng (bool): restore this rank's RNG states (only when the world size matches).
 
     Returns:

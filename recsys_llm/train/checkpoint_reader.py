@@ -5,6 +5,7 @@ and the errors that tell a damaged checkpoint from one of another model."""
 import io
 import os
 import pickle
+import re
 from typing import Any, Dict
 
 import torch
@@ -186,6 +187,13 @@ def damaged_checkpoint_error(path: str, error: BaseException) -> ValueError:
     if refusal is not None:  # torch's first line is advice on how to load it anyway
         return ValueError(f"{path}: refused: holds objects other than tensors ({refusal}); nothing from it ran: a "
                           "damaged or tampered checkpoint; delete its checkpoint directory to resume from the one before")
+    if first_line.startswith("Size mismatch") and re.search(r" for optim\.\S*\.momentum1\b", first_line):
+        # torchrec's row-wise state of a column-wise table holds rows x column shards values, which DCP cannot re-cut
+        return ValueError(f"{path}: its table optimizer state does not fit this sharding plan ({first_line}): "
+                          "row_wise_adagrad keeps one value per row of each column shard, so it loads only into a plan "
+                          "that splits that table's columns into as many shards; shard as the run did "
+                          "(sharding.plan_file: the run's sharding_plan.json), or load the weights alone, without the "
+                          "optimizer")
     if any(marker in text for marker in _OTHER_MODEL_ERRORS):
         hint = ""
         if "key in checkpoint state_dict: optim." in first_line:

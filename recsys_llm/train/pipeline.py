@@ -102,6 +102,10 @@ class EpochStats:
         pipelined_modules (List[str]): sharded modules the pipeline overlaps.
         sharded_modules (List[str]): all sharded modules of the model.
         stopped_early (bool): ``on_step`` asked to stop before the data ended.
+        unused_batches (List[Batch]): when ``on_step`` stopped the epoch, the batches the pipeline had already read
+            (up to two ahead of the step) from an iterator the caller passed, and not trained on, in order, as the
+            iterator gave them; ``itertools.chain(stats.unused_batches, iterator)`` goes on from the first of them.
+            Empty otherwise (an iterable passed in: its iterator is closed here).
     """
 
     steps: int
@@ -113,6 +117,7 @@ class EpochStats:
     pipelined_modules: List[str]
     sharded_modules: List[str]
     stopped_early: bool
+    unused_batches: List[Batch] = dataclasses.field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
@@ -138,18 +143,24 @@ class _Counting(Iterator[Batch]):
     dists (1) does not match number of kjt dist forwards", or read other features' ids."""
 
     def __init__(self, batches: Iterator[Batch], keep_weights: bool = False,
-                 check_features: Optional[Callable[[KeyedJaggedTensor], None]] = None) -> None:
+                 check_features: Optional[Callable[[KeyedJaggedTensor], None]] = None,
+                 keep_batches: bool = False) -> None:
         self._batches = batches
         self._keep_weights = keep_weights
         self._check_features = check_features
+        self._keep_batches = keep_batches
         self.samples_seen: List[int] = []
         self.label_weights: Deque[Optional[torch.Tensor]] = collections.deque()
+        # with keep_batches: the batches handed to the pipeline whose step has not come back yet, oldest first
+        self.ahead: Deque[Batch] = collections.deque()
 
     def __next__(self) -> Batch:
         batch = next(self._batches)
         if self._check_features is not None:
             self._check_features(batch.sparse_features)
         self.samples_seen.append(batch.labels.size(0))  # torchrec's own Batch has no batch_size
+        if self._keep_batches:
+            self.ahead.append(batch)
         if self._keep_weights:
             self.label_weights.append(batch_extras(batch).get(LABEL_WEIGHT_KEY))
         return batch
@@ -179,7 +190,9 @@ def train_epoch(
         batches (Iterable[Batch]): this rank's batches for the epoch. The iterator made here from an
             iterable (a reader: its epoch's generator) is closed when the epoch ends, finished, stopped by
             ``on_step`` or left by an exception: its prefetch thread, buffers and file go at once. An
-            iterator passed in is the caller's, left open (an endless stream may feed the next call).
+            iterator passed in is the caller's, left open (an endless stream may feed the next call); the
+            pipeline reads up to two batches ahead of its step, so when ``on_step`` stops the epoch those come
+            back in ``EpochStats.unused_batches`` (chain them before the iterator for the next call).
         device (torch.device): where batches are copied.
         skip_batches (int): batches to pass over first (resuming mid-epoch); not trained on.
         on_step (Optional[StepCallback]): called after each step with the step index within
@@ -210,7 +223,9 @@ def train_epoch(
     if skip_batches:
         # Consume (and drop) batches already trained on before the interruption.
         iterator = itertools.islice(iterator, skip_batches, None)
-    counting = _Counting(iterator, keep_weights=window_metrics is not None, check_features=BatchFeatureCheck(model))
+    # a caller's iterator outlives the call: the batches read ahead of a stopping step go back to the caller
+    counting = _Counting(iterator, keep_weights=window_metrics is not None, check_features=BatchFeatureCheck(model),
+                         keep_batches=source is None)
     forward = None if autocast_dtype is None else autocast_forward(model, device, autocast_dtype)
     pipeline = TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True, custom_model_fwd=forward)
     bar = tqdm(
@@ -243,6 +258,8 @@ def train_epoch(
                 break
             step += 1
             steps += 1
+            if counting.ahead:
+                counting.ahead.popleft()  # this step's batch, trained on
             if steps == 1:
                 first_step_seconds = time.perf_counter() - start
             loss_value = loss.detach().mean()
@@ -290,6 +307,7 @@ def train_epoch(
         pipelined_modules=pipelined,
         sharded_modules=sharded_module_names(model),
         stopped_early=stopped,
+        unused_batches=list(counting.ahead) if stopped else [],
     )
 
 

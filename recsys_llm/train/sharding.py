@@ -23,7 +23,11 @@ project (plain backbones, LLaCTR, ELEC teacher-student pairs) is sharded the sam
    (``optim.sparse``, its lr and eps; no weight decay, as no table gets any) as a non-fused
    torch optimizer of their own, so a table trains the same way whichever placement the
    planner picks. Unlike the fused kernels, which touch only the rows of the batch, it steps
-   whole tables (Adam's moments then move rows the batch did not use).
+   whole tables (Adam's moments then move rows the batch did not use). One exception is torchrec's:
+   row-wise Adagrad on a table split by columns (``column_wise``, ``table_column_wise``, in shards
+   at least 128 wide) keeps one accumulator per row *of each column shard* (the mean of that
+   shard's squared gradients), so such a table takes other steps than whole (on 2 CPU ranks, a 256-wide
+   table after 2 steps: up to 0.1 apart); ``adagrad`` and ``sgd`` train it alike in every placement.
 
 **Frozen tables** (pretrained or LLM-derived vectors that must not train) are the tables
 named in ``ShardingConfig.frozen_tables`` plus every table of an EBC module carrying the

@@ -988,6 +988,22 @@ def test_missing_optimizer_state_names_the_table_optimizer_as_the_likely_cause()
     assert "another optim.sparse" not in str(damaged_checkpoint_error("p", RuntimeError("Missing key in checkpoint state_dict: model.w.")))
 
 
+def test_row_wise_state_of_other_column_shards_is_named_as_such() -> None:
+    """A column-wise table's row-wise Adagrad state holds rows x column shards values (torchrec's layout), so a plan
+    that splits the table's columns otherwise met DCP's size mismatch, reported as "a checkpoint of another model"
+    (on 2 CPU ranks: a 256-wide table column_wise, its checkpoint loaded with the optimizer on 1 rank table_wise)."""
+    from recsys_llm.train.checkpoint_reader import damaged_checkpoint_error
+
+    error = RuntimeError("Size mismatch between saved torch.Size([24]) and current: torch.Size([12]) for "
+                         "optim.ebc.embedding_bags.t_a.weight.t_a.momentum1")
+    message = str(damaged_checkpoint_error("runs/x/ckpt-00000002", error))
+    assert "one value per row of each column shard" in message and "sharding.plan_file" in message, message
+    assert "another model" not in message, message
+    weights = RuntimeError("Size mismatch between saved torch.Size([24, 8]) and current: torch.Size([12, 8]) for "
+                           "model.ebc.embedding_bags.t_a.weight")
+    assert "column shard" not in str(damaged_checkpoint_error("p", weights))
+
+
 @pytest.mark.multiprocess
 def test_resume_is_exact_on_three_ranks(synthetic_dir: str, tmp_path) -> None:
     """On 3+ ranks the order of a gradient's sum depends on its offset in DDP's bucket, and DDP

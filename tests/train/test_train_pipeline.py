@@ -1,5 +1,6 @@
 """train_epoch: a NaN/inf training loss stops training before a checkpoint keeps the diverged weights."""
 
+import itertools
 import os
 import shutil
 from typing import Any, Dict, List, Optional
@@ -297,6 +298,35 @@ def _steps_of_two_epochs_on_one_stream(schema_path: str) -> List[int]:
 def test_a_stream_the_caller_passes_is_left_open_for_the_next_epoch(synthetic_dir: str) -> None:
     (steps,) = run_multiprocess(_steps_of_two_epochs_on_one_stream, world_size=1, schema_path=synthetic_dir)
     assert steps == [3, 3], steps
+
+
+def _a_stream_stopped_and_continued(schema_path: str) -> Dict[str, Any]:
+    schema = DatasetSchema.load(schema_path)
+    ctx, model, optimizer = _model(schema)
+    batches = list(ParquetBatchReader(schema, "train", 64))[:8]
+    pulled: List[int] = []
+
+    def stream():  # noqa: ANN202
+        for index, batch in enumerate(batches):
+            pulled.append(index)
+            yield batch
+
+    source = stream()
+    first = train_epoch(model, optimizer, source, ctx.device, on_step=lambda step, loss: step == 3, progress=False)
+    unused = [next(i for i, batch in enumerate(batches) if batch is left) for left in first.unused_batches]
+    second = train_epoch(model, optimizer, itertools.chain(first.unused_batches, source), ctx.device, progress=False)
+    return {"unused": unused, "steps": [first.steps, second.steps], "pulled": len(pulled),
+            "whole_epoch_unused": second.unused_batches}
+
+
+@pytest.mark.multiprocess
+def test_the_batches_read_ahead_of_a_stopping_step_come_back_to_the_caller(synthetic_dir: str) -> None:
+    """The pipeline reads two batches ahead of its step: a caller's stream stopped by on_step lost them, so the next
+    call on that stream trained from the sixth batch of eight, not the fourth."""
+    (result,) = run_multiprocess(_a_stream_stopped_and_continued, world_size=1, schema_path=synthetic_dir)
+    # torchrec 1.8's pipeline holds batches 4 and 5 (3 and 4 counted from 0) when step 3 ends
+    assert result["unused"] == [3, 4], result
+    assert result["steps"] == [3, 5] and result["pulled"] == 8 and result["whole_epoch_unused"] == [], result
 
 
 def _grad_mode_in_evaluation(schema_path: str) -> List[bool]:
