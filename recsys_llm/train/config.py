@@ -413,11 +413,15 @@ def parse_plugin_sections(config: ExperimentConfig) -> "Tuple[Optional[LLaCTRCon
     return llactr, ELECConfig.from_dict(config.elec, source="elec") if config.elec else None
 
 
+EXTENSION_PREFIX = "x-"  # top-level keys of a config file that hold YAML anchors, not settings
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Reads a YAML config (or none: defaults), applies overrides, returns the typed config.
 
     Relative paths in the config (``data.schema``, ``train.run_dir``) are relative to the
-    working directory (the repository root for the configs in ``configs/``).
+    working directory (the repository root for the configs in ``configs/``). Top-level keys of the file starting
+    with ``x-`` are left out: they hold YAML anchors that the sections merge in (``<<: *common``).
 
     Raises:
         ConfigError: missing file, a file that is not UTF-8 text, invalid YAML, a key written twice
@@ -444,6 +448,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
             raise ConfigError(f"{path}: not valid YAML: {one_line(error)}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+        # extension fields (as in Docker Compose files): a place for YAML anchors the sections merge in, read no further
+        raw = {key: value for key, value in raw.items() if not (isinstance(key, str) and key.startswith(EXTENSION_PREFIX))}
     from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
     if not from_file.get("elec") and isinstance(raw.get("elec"), dict) and raw["elec"] and "task" not in raw["elec"]:

@@ -159,6 +159,19 @@ class TestLoadConfig:
             load_config(str(bad), ["train.seed=1"])
         assert str(info.value).startswith(f"{bad}: train: unknown keys ['epoch']")
 
+    def test_top_level_extension_keys_hold_anchors_that_sections_merge_in(self, tmp_path) -> None:
+        """A Docker-Compose-style ``x-common: &common`` beside the sections was refused as an unknown section, so
+        anchors shared by sections had nowhere to live."""
+        path = tmp_path / "anchors.yaml"
+        path.write_text("x-common: &common\n  embedding_dim: 24\nmodel:\n  <<: *common\n  name: deepfm\n"
+                        "xcommon: 1\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"top level: unknown keys \['xcommon'\]"):  # only the x- prefix
+            load_config(str(path))
+        path.write_text(path.read_text(encoding="utf-8").replace("xcommon: 1\n", ""), encoding="utf-8")
+        config = load_config(str(path))
+        assert config.model.embedding_dim == 24 and config.model.name == "deepfm"
+        assert "x-common" not in config.to_dict()
+
     @pytest.mark.parametrize("text, message", [
         # a TypeError of ModelConfig.__init__: "missing 1 required positional argument: 'name'"
         ("model:\n  embedding_dim: 8\n", r"odd\.yaml: model: missing key\(s\) \['name'\]; expected them beside "
