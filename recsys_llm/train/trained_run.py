@@ -21,7 +21,8 @@ from recsys_llm.train.metrics import CTRMetrics
 from recsys_llm.train.pipeline import evaluate
 from recsys_llm.train.process import float32_default_dtype, seed_everything, set_cpu_float_mode
 from recsys_llm.train.run_data import load_or_generate_schema, metric_subsets
-from recsys_llm.train.run_records import (check_trained_on, check_trained_with_these_vectors, split_row_vector_changes,
+from recsys_llm.train.run_records import (check_same_config_on_every_rank, check_trained_on,
+                                          check_trained_with_these_vectors, split_row_vector_changes,
                                           trained_row_vectors, trained_vocabularies)
 from recsys_llm.train.sharding import shard_model
 from recsys_llm.train.sharding_config import CPU_SPARSE_OPTIMIZERS, loadable_on_cpu
@@ -51,6 +52,7 @@ def open_trained_run(config: ExperimentConfig, checkpoint: str) -> TrainedRun:
     check_same_model(config, saved_config)
     set_cpu_float_mode(config.train)
     ctx = init_distributed(config.train.device)
+    check_same_config_on_every_rank(config)  # each rank loads and shards the model its own config builds
     schema = load_or_generate_schema(config, ctx, generate=False)
     check_trained_on(schema, saved_config, checkpoint)
     return TrainedRun(checkpoint, ctx, schema)

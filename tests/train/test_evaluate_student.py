@@ -37,6 +37,18 @@ def _evaluate_student(overrides: List[str], run_dir: str) -> Dict[str, Any]:
     return run_evaluation(load_config(CONFIG, overrides), run_dir, student=True)
 
 
+def _evaluate_with_other_settings_on_rank_one(overrides: List[str], run_dir: str, rank_one: List[str]) -> str:
+    """What evaluating raises when rank 1 adds ``rank_one`` to the overrides (another config file on its host)."""
+    from recsys_llm.train.config import ConfigError
+
+    rank = int(os.environ["RANK"])
+    try:
+        _evaluate_student(overrides + (rank_one if rank == 1 else []), run_dir)
+    except ConfigError as error:
+        return str(error)
+    return "evaluated"
+
+
 def _evaluate_through_the_cli(overrides: List[str], run_dir: str, student: bool) -> Dict[str, Any]:
     import contextlib
     import io
@@ -83,4 +95,10 @@ def test_the_student_alone_is_evaluated_alike_on_any_number_of_ranks_and_as_serv
     assert trained["test"]["auc"] == pytest.approx(on_one["auc"], abs=1e-6)  # the run reports its student's AUC
     assert trained["test"]["loss"] > on_one["loss"]
     assert on_the_command_line == on_one  # evaluate --student
+    # each rank built its evaluation from its own settings: other batch counts wait in collectives the others skip
+    refusals = run_multiprocess(_evaluate_with_other_settings_on_rank_one, world_size=2, overrides=overrides,
+                                run_dir=run_dir, rank_one=["data.eval_batch_size=100"])
+    assert refusals[0] == refusals[1] and refusals[0].startswith(
+        "the ranks were started with different settings (rank 0's -> theirs): rank 1: data.eval_batch_size: 300 -> "
+        "100."), refusals[0]
     assert whole.get("model") != "student" and whole["loss"] > on_one["loss"]
