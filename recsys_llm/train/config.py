@@ -574,6 +574,7 @@ RESUME_FREE_KEYS = frozenset({
 # they may move only where that record has the key
 MOVABLE_PATH_KEYS = {"llactr.vectors_path": "llactr", "data.schema": "data_fingerprints"}
 PLUGINS_FILE = "plugins.json"  # beside a run's config.yaml: what its plug-ins were built from
+SETTINGS_KEY = "settings"  # in PLUGINS_FILE: the settings the run wrote to its config.yaml (ExperimentConfig.to_dict)
 # paths compared as the files they name (relative to the working directory, or absolute)
 PATH_KEYS = ("data.schema", "llactr.vectors_path", "elec.entity_vectors", "elec.teacher_checkpoint",
              "elec.distill.swap_catalog", "sharding.plan_file")
@@ -643,15 +644,45 @@ def _key_within(key: str, skip: str) -> bool:
     return len(parts) >= len(pattern) and all(want in ("*", part) for want, part in zip(pattern, parts))
 
 
-def _movable_beside(saved_path: str) -> List[str]:
-    """The ``MOVABLE_PATH_KEYS`` whose content the ``plugins.json`` beside ``saved_path`` can vouch
-    for (it records their section); none without a readable one (an older run, or a deleted record)."""
+def _record_beside(saved_path: str) -> Dict[str, Any]:
+    """The ``plugins.json`` beside ``saved_path``; empty without a readable one (an older run, or a deleted or
+    damaged record, which the resume's own read of it names)."""
     try:
         with open(os.path.join(os.path.dirname(saved_path), PLUGINS_FILE), encoding="utf-8") as handle:
             record = json.load(handle)
     except (OSError, ValueError):
-        return []
-    return [key for key, section in MOVABLE_PATH_KEYS.items() if isinstance(record, dict) and record.get(section)]
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _movable_beside(saved_path: str) -> List[str]:
+    """The ``MOVABLE_PATH_KEYS`` whose content the ``plugins.json`` beside ``saved_path`` can vouch
+    for (it records their section); none without a readable one (an older run, or a deleted record)."""
+    record = _record_beside(saved_path)
+    return [key for key, section in MOVABLE_PATH_KEYS.items() if record.get(section)]
+
+
+def _check_config_file_unedited(saved: ExperimentConfig, saved_path: str, movable: List[str]) -> None:
+    """Raises when the run's ``config.yaml`` (``saved``, read from ``saved_path``) holds other settings than the run
+    wrote there, as its ``plugins.json`` records them (``SETTINGS_KEY``): the config a resume is compared with was
+    edited (a learning rate), so the checkpoints' settings would be checked against the edit. Settings a resume may
+    change (``RESUME_FREE_KEYS``) and moved paths (``movable``) may be edited. Runs without the record (before it was
+    kept), or with one this version cannot read, are not checked."""
+    recorded = _record_beside(saved_path).get(SETTINGS_KEY)
+    if not isinstance(recorded, dict):
+        return
+    try:
+        written = config_from_dict(recorded, PLUGINS_FILE)
+    except ConfigError:  # settings of another version's format
+        return
+    edited = config_differences(written, saved, RESUME_FREE_KEYS, movable)
+    if edited:
+        raise ConfigError(
+            f"{saved_path}: edited after the run wrote it ({'; '.join(edited)}; {PLUGINS_FILE} records what it "
+            "held): the checkpoints were trained with those settings, and only some (epochs, budgets, intervals, "
+            "paths that moved) may change on a resume. Put the file back as it was, or train into another "
+            "train.run_dir"
+        )
 
 
 def check_resumable(config: ExperimentConfig, saved_path: str,
@@ -664,7 +695,9 @@ def check_resumable(config: ExperimentConfig, saved_path: str,
             ``MOVABLE_PATH_KEYS`` file whose content ``plugins.json`` records).
     """
     saved = load_config(saved_path)
-    differences = config_differences(saved, config, RESUME_FREE_KEYS, _movable_beside(saved_path))
+    movable = _movable_beside(saved_path)
+    _check_config_file_unedited(saved, saved_path, movable)
+    differences = config_differences(saved, config, RESUME_FREE_KEYS, movable)
     if differences:
         raise ConfigError(
             f"{saved_path}: this run directory holds checkpoints of a run with other settings "

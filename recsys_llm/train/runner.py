@@ -58,6 +58,7 @@ from recsys_llm.train.checkpoint import (
     read_train_state,
 )
 from recsys_llm.train.config import (
+    SETTINGS_KEY,
     ConfigError,
     ExperimentConfig,
     TrainConfig,
@@ -420,6 +421,7 @@ def _write_run_records(
     write_text_atomically(os.path.join(config.train.run_dir, PLUGINS_FILE), json.dumps(
         {SCHEMA_FINGERPRINT_KEY: schema.fingerprint(), SCHEMA_CONTENTS_KEY: schema.fingerprinted(),
          DATA_FINGERPRINTS_KEY: fingerprints, VOCABULARIES_KEY: schema.vocabulary_records(),
+         SETTINGS_KEY: config.to_dict(),  # an edit of config.yaml is told from what the checkpoints trained with
          **built.plugins,
          **({INIT_FROM_KEY: init_record} if init_record is not None else {})},
         indent=2, sort_keys=True, default=str))

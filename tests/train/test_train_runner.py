@@ -919,6 +919,39 @@ def test_a_resume_on_data_prepared_again_is_refused_before_anything_is_written(t
     assert out["run_files_unchanged"]
 
 
+def _resume_from_an_edited_config_file(schema_dir: str, root: str) -> Dict[str, Any]:
+    """A run of one step, its config.yaml edited (a learning rate, then only its epochs), resumed from that file."""
+    run_dir = os.path.join(root, "run")
+    _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1"])
+    saved = os.path.join(run_dir, "config.yaml")
+    original = open(saved, encoding="utf-8").read()
+
+    def resume(text: str) -> Optional[str]:
+        with open(saved, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        try:
+            run_training(load_config(saved, ["train.max_steps=2"]))
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    lr = re.search(r"dense_lr: (\S+)", original).group(1)
+    return {"edited": resume(original.replace(f"dense_lr: {lr}", "dense_lr: 0.5")),
+            "epochs": resume(original.replace("epochs: 1", "epochs: 2")), "lr": lr}
+
+
+@pytest.mark.multiprocess
+def test_a_resume_from_an_edited_config_file_is_refused(synthetic_dir: str, tmp_path) -> None:
+    """``train --config RUN/config.yaml`` after an edit of a setting that must not change (the learning rate) resumed
+    with it: the file the resume is compared with was the edited one. plugins.json records what the run wrote."""
+    (out,) = run_multiprocess(_resume_from_an_edited_config_file, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["edited"] is not None and out["edited"].startswith(
+        f"{tmp_path / 'run' / 'config.yaml'}: edited after the run wrote it (optim.dense_lr: {float(out['lr'])!r} -> "
+        "0.5; plugins.json records what it held)"), out["edited"]
+    assert out["epochs"] is None  # a setting a resume may change may be edited there too
+
+
 def _llactr_on_grown_tables(root: str) -> Dict[str, Any]:
     import torch
 
