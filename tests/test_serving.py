@@ -1115,3 +1115,39 @@ def test_unsharded_state_dict_refuses_a_bool_or_negative_dst_and_a_prefix_that_i
     with pytest.raises(TypeError, match="unsharded_state_dict: prefix must be a string"):
         unsharded_state_dict(model, prefix=("0.",))
     assert sorted(unsharded_state_dict(model, dst=0)) == ["0.bias", "0.weight"]
+
+
+_EXPORT_FREES_THE_SHARDED_MODEL = r"""
+import gc, sys
+
+import recsys_llm.serving as serving
+from recsys_llm.cli import main
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+work = sys.argv[1]
+assert main(["train", "--config", "recsys_llm/configs/synthetic_deepfm.yaml", f"data.schema={work}/data/schema.json",
+             "data.synthetic_rows=600", f"train.run_dir={work}/run", "train.epochs=1", "train.progress=false",
+             "data.batch_size=256"]) == 0
+left = []
+materialize = serving.materialize_meta
+serving.materialize_meta = lambda *a, **k: left.append(
+    sum(isinstance(o, ShardedEmbeddingBagCollection) for o in gc.get_objects())) or materialize(*a, **k)
+gc.collect()  # the training job's leftovers
+gc.disable()  # no collection happens to free the export's sharded model: the export must (one of 10^7 rows was not)
+assert main(["export", "--checkpoint", f"{work}/run", "--output", f"{work}/export"]) == 0
+print("SHARDED TABLES LEFT", left)
+"""
+
+
+def test_export_frees_the_sharded_model_once_its_tables_are_gathered(tmp_path):
+    """The loaded sharded model is gone before the served task takes the gathered tables: reference cycles kept its
+    sharded tables until the process ended, 2x the tables' memory while the artifact was written (a 10^7 x 4 table:
+    869 MB held, 678 MB after)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _EXPORT_FREES_THE_SHARDED_MODEL, str(tmp_path)], cwd=root,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SHARDED TABLES LEFT [0]" in done.stdout, done.stdout[-2000:]

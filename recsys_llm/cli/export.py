@@ -15,6 +15,7 @@ Example::
 """
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -86,6 +87,9 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     # a served student alone: its teacher's tables (entity vectors, ...) are not gathered into rank 0's memory
     served_prefix = "student." if isinstance(task, TeacherStudentTask) else ""
     full = unsharded_state_dict(load_trained_model(config, run), prefix=served_prefix)  # collective
+    # the sharded model is garbage now, but reference cycles (DMP's modules and optimizer) kept it, its tables
+    # included, beside the gathered copy until the process ended: 2x the tables' memory while the artifact is written
+    gc.collect()
     written: Dict[str, Any] = {}
     if ctx.is_main:
         size = sum(v.numel() * v.element_size() for v in full.values())

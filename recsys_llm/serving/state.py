@@ -5,7 +5,7 @@ import contextlib
 import numbers
 import os
 import pickle
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -227,7 +227,7 @@ def require_finite(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
         ValueError: names ``path``, ``key`` and the first non-finite value.
     """
     if (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel():
-        bad = first_non_finite_row(tensor.reshape(-1, 1))  # one row per value
+        bad = _first_non_finite_value(tensor.reshape(-1))
         if bad is not None:
             first, count, value = bad
             raise ValueError(
@@ -236,6 +236,23 @@ def require_finite(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
                 "or take an earlier checkpoint)"
             )
     return tensor
+
+
+FINITE_CHECK_CHUNK = 1 << 20  # values checked at a time by require_finite: torch.isfinite holds an abs() copy and
+# bool masks of what it checks (about 1.7x a float32 tensor's bytes), so a whole 10^7-row table doubled the peak memory
+
+
+def _first_non_finite_value(flat: torch.Tensor) -> Optional[Tuple[int, int, object]]:
+    """``(flat index, number of non-finite values, the first one)`` of a 1-D tensor, None when all are finite;
+    checked :data:`FINITE_CHECK_CHUNK` values at a time, so the memory beyond ``flat`` is one chunk's masks."""
+    first, count = None, 0
+    for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
+        bad = first_non_finite_row(flat[start : start + FINITE_CHECK_CHUNK].reshape(-1, 1))  # one row per value
+        if bad is not None:
+            if first is None:
+                first = (start + bad[0], bad[2])
+            count += bad[1]
+    return None if first is None else (first[0], count, first[1])
 
 
 def _require_tensor_dict(path: str, state: Any) -> Dict[str, torch.Tensor]:
