@@ -354,7 +354,7 @@ class ServedModel(nn.Module):
     @raw_id_ways.setter
     def raw_id_ways(self, schema: Optional[DatasetSchema]) -> None:
         """Sets the id ways and reads every field's vocabulary into memory once, as a token -> id dict (about
-        250 bytes a value: 250 MB for 10^6 values, measured): :meth:`raw_value_ids` reads no file per request, costs what its
+        250 bytes a value: 250 MB for 10^6 values): :meth:`raw_value_ids` reads no file per request, costs what its
         values cost (not the vocabulary's size), and keeps the vocabularies of the export it was loaded from when
         another export replaces the artifact's directory (or the directory is deleted) while this model serves."""
         plans: Dict[str, FieldPlan] = {}
