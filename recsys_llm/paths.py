@@ -33,8 +33,8 @@ def not_a_regular_file(path: str) -> Optional[str]:
 
 
 def file_problem(path: str) -> Optional[str]:
-    """Why ``path`` is no regular file to read (a link followed): ``"missing"``, ``"a symbolic link to <target>,
-    which leads to no file"`` (dangling, or a loop), or what :func:`not_a_regular_file` names; None for a regular
+    """Why ``path`` is no regular file to read (a link followed): ``"missing"``, ``"a dangling symbolic link (to
+    <target>)"`` (or a loop of links), or what :func:`not_a_regular_file` names; None for a regular
     file. For an error that names the cause a bare "missing" would hide."""
     found = not_a_regular_file(path)
     if found is not None:
@@ -42,5 +42,5 @@ def file_problem(path: str) -> Optional[str]:
     if os.path.isfile(path):
         return None
     if os.path.islink(path):
-        return f"a symbolic link to {os.readlink(path)}, which leads to no file"
+        return f"a dangling symbolic link (to {os.readlink(path)})"
     return "missing"

@@ -1,3 +1,4 @@
+import faulthandler
 import os
 
 import pytest
@@ -17,6 +18,16 @@ def ml100k_raw_dir() -> str:
     if not os.path.exists(os.path.join(ML100K_DIR, "ml-100k.inter")):
         pytest.skip(f"MovieLens-100K not found at {ML100K_DIR}")
     return ML100K_DIR
+
+
+@pytest.fixture
+def ends_the_run_if_it_waits():
+    """For a test of a named pipe (FIFO) in place of a file: a read of it that a broken check lets through waits for
+    a writer for good, and pytest has no timeout here; after 120 s the run ends, printing every thread's traceback
+    (exit code 1), instead of hanging CI."""
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)

@@ -849,9 +849,17 @@ def test_one_process_llm_commands_refuse_several_ranks_before_any_work(argv, com
     error = capsys.readouterr().err
     assert error.startswith(f"recsys-llm {command}: error: ") and "under torchrun each of the 2 ranks" in error, error
     assert "without torchrun" in error
+    advice = {"prepare synthetic": "once, before the jobs that read the data on every rank",
+              "demo": "or with --no-llm"}.get(command, "`semantics export` is the LLM step that splits its rows over ranks")
+    assert advice in error, error
     assert os.listdir(tmp_path) == []  # nothing written
     if command != "demo":  # a program that set up its ranks' group calls the command on the ranks it chooses
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        main(argv)
+        assert "under torchrun each" not in capsys.readouterr().err
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+        monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one rank: the command runs
+        monkeypatch.setenv("RANK", "0")
         main(argv)
         assert "under torchrun each" not in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ given as lists, or refused naming the field, the row and what was expected; none
 
 import json
 import os
+import re
 import shutil
 from typing import Dict, List
 
@@ -189,3 +190,17 @@ def test_a_request_to_an_artifact_without_dense_fields_has_one_row_of_no_dense_v
     dense, kjt = served.raw_request({"user": [3, 7, 9], "city": ["Paris", None, "Nice"]})
     assert dense.shape == (3, 0) and dense.dtype == torch.float32
     assert served.predict(dense, kjt).shape == (3,)
+
+
+@pytest.mark.usefixtures("ends_the_run_if_it_waits")  # a FIFO read would wait for good
+def test_an_id_ways_file_that_is_no_file_is_named_as_what_it_is(shop: Dict[str, str], tmp_path) -> None:
+    """A value-text file of the artifact's id ways (``ids/``) replaced by a named pipe: its digest check waited for
+    a writer for good; a directory there was "file missing"."""
+    artifact = shutil.copytree(shop["artifact"], str(tmp_path / "artifact"))
+    with open(os.path.join(artifact, "config.json"), encoding="utf-8") as handle:
+        names = [name for name in json.load(handle)["sha256"] if name.startswith("ids/") and name != "ids/schema.json"]
+    target = os.path.join(artifact, names[0])
+    os.remove(target)
+    os.mkfifo(target)
+    with pytest.raises(ValueError, match=rf"{re.escape(target)}: is a named pipe \(FIFO\), not a file"):
+        ServedModel.load(artifact, trust_program=True)

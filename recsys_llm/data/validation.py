@@ -46,7 +46,7 @@ def open_parquet(path: str) -> pq.ParquetFile:
     """Opens a Parquet file, turning pyarrow's errors into a :class:`DataError` naming the file."""
     found = not_a_regular_file(path)
     if found is not None:  # pyarrow would block for good on a FIFO, deaf to Ctrl-C and SIGTERM
-        raise DataError(f"{path}: {found}, not a Parquet file; expected a Parquet file of the data")
+        raise DataError(f"{path}: is {found}, not a Parquet file; expected a Parquet file of the data")
     try:
         return pq.ParquetFile(path)
     except FileNotFoundError as error:

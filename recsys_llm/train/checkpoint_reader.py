@@ -99,7 +99,7 @@ def _require_own_data_files(path: str, metadata: Metadata) -> None:
         found = not_a_regular_file(target)
         if found is not None:  # a FIFO would block DCP's read for good
             raise ValueError(
-                f"{os.path.join(os.path.dirname(path), name)}: {found}, not a file; expected the checkpoint's data "
+                f"{os.path.join(os.path.dirname(path), name)}: is {found}, not a file; expected the checkpoint's data "
                 "file that DCP wrote: a damaged checkpoint; delete its checkpoint directory to resume from the one "
                 "before"
             )

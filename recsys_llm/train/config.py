@@ -570,8 +570,8 @@ RESUME_FREE_KEYS = frozenset({
 # paths a resumed, evaluated or exported run may name elsewhere (moved, or copied with the run
 # directory to another host), each with the plugins.json key that vouches for what the new path holds: LLaCTR's
 # field vectors (the checkpoint holds them; their provenance is compared, run_records.check_same_field_vectors) and
-# the data (its schema, vocabularies and splits' fingerprints are compared, check_trained_on / check_same_data);
-# they may move only where that record has the key
+# the data (its schema and vocabularies are compared by every job, check_trained_on, and a resume compares its
+# splits' fingerprints too, check_same_data); they may move only where that record has the key
 MOVABLE_PATH_KEYS = {"llactr.vectors_path": "llactr", "data.schema": "data_fingerprints"}
 PLUGINS_FILE = "plugins.json"  # beside a run's config.yaml: what its plug-ins were built from
 SETTINGS_KEY = "settings"  # in PLUGINS_FILE: the settings the run wrote to its config.yaml (ExperimentConfig.to_dict)

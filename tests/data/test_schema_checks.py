@@ -276,6 +276,7 @@ def test_schema_built_in_python_takes_a_path_root_and_refuses_a_label_or_root_of
         DatasetSchema("n", fields, root=3)
 
 
+@pytest.mark.usefixtures("ends_the_run_if_it_waits")  # a FIFO read would wait for good
 def test_a_schema_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path) -> None:
     """data.schema naming a named pipe: the read waited for a writer for good."""
     path = tmp_path / "schema.json"

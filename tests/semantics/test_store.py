@@ -60,6 +60,7 @@ class TestVectorStore:
                                                         r"wrote"):
             load_vectors(str(tmp_path))
 
+    @pytest.mark.usefixtures("ends_the_run_if_it_waits")  # a FIFO read would wait for good
     def test_a_fifo_is_refused_not_waited_on(self, tmp_path) -> None:
         # llactr.vectors_path naming a named pipe: safetensors' open would block until a writer came
         path = str(tmp_path / "v.safetensors")

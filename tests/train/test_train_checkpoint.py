@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 from unittest import mock
@@ -605,13 +606,14 @@ def test_a_data_file_linked_inside_the_checkpoint_still_loads(tmp_path) -> None:
     assert torch.equal(target.weight, saved.weight)
 
 
+@pytest.mark.usefixtures("ends_the_run_if_it_waits")  # a FIFO read would wait for good
 def test_a_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path) -> None:
     """A named pipe in place of ``__0_0.distcp`` (inside the checkpoint directory, so no link leaves it): DCP's
     ``open`` would block until a writer opened the pipe, a job hung for good; it is refused, naming the file."""
     path = _checkpoint_and_another_beside_it(tmp_path)
     os.remove(path / "__0_0.distcp")
     os.mkfifo(path / "__0_0.distcp")
-    _refused_leaving_the_weights(path, r"ckpt-00000001/__0_0\.distcp: a named pipe \(FIFO\), not a file")
+    _refused_leaving_the_weights(path, r"ckpt-00000001/__0_0\.distcp: is a named pipe \(FIFO\), not a file")
 
 
 @pytest.mark.parametrize("kind", ["directory", "dangling link"])
@@ -624,12 +626,13 @@ def test_a_digests_file_that_is_no_file_is_refused_not_skipped(tmp_path, monkeyp
     digests = os.path.join(path, DIGESTS_FILE)
     os.remove(digests)
     os.mkdir(digests) if kind == "directory" else os.symlink(str(tmp_path / "gone"), digests)
-    expected = "a directory" if kind == "directory" else "a symbolic link to .*gone, which leads to no file"
+    expected = "a directory" if kind == "directory" else r"a dangling symbolic link \(to .*gone\)"
     with pytest.raises(ValueError, match=rf"{re.escape(digests)}: cannot be read back \({expected}, expected the "
                                          r"file of the checkpoint's digests\)"):
         load_checkpoint(path, nn.Linear(2, 1))
 
 
+@pytest.mark.usefixtures("ends_the_run_if_it_waits")  # a FIFO read would wait for good
 def test_a_resume_passing_over_a_newer_damaged_checkpoint_says_so(tmp_path, monkeypatch) -> None:
     """A ``ckpt-N`` whose train_state.json was deleted or replaced (by a FIFO) is no interrupted save (a save
     renames its directory whole): the resume goes on from the one before, and warns, naming it, that its next
@@ -645,6 +648,27 @@ def test_a_resume_passing_over_a_newer_damaged_checkpoint_says_so(tmp_path, monk
     with pytest.warns(UserWarning, match=rf"{re.escape(newer)}: newer than the checkpoint this run resumes from "
                                          rf"\({re.escape(older)}\), but incomplete"):
         assert resume_point(manager, CheckpointManager(str(tmp_path / "best"))) == older
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second look of the same start (the run directory's lock) says nothing
+        assert resume_point(manager, CheckpointManager(str(tmp_path / "best")), warn=False) == older
+    best = CheckpointManager(str(tmp_path / "best"), keep=1)
+    damaged_best = best.save(nn.Linear(2, 1), None, TrainState(global_step=3))
+    os.remove(os.path.join(damaged_best, TRAIN_STATE_FILE))
+    with pytest.warns(UserWarning, match=rf"{re.escape(newer)}, {re.escape(damaged_best)}: newer than"):
+        assert resume_point(manager, best) == older
+
+
+def test_a_damaged_first_checkpoint_is_named_when_the_run_starts_again(tmp_path, monkeypatch) -> None:
+    """No complete checkpoint: the run starts again, and the damaged ``ckpt-00000000`` it passes over is named."""
+    from recsys_llm.train.resume import resume_point
+
+    _state_only_dcp(monkeypatch)
+    manager = CheckpointManager(str(tmp_path / "checkpoints"), keep=0)
+    damaged = manager.save(nn.Linear(2, 1), None, TrainState(global_step=0))
+    os.remove(os.path.join(damaged, TRAIN_STATE_FILE))
+    with pytest.warns(UserWarning, match=rf"{re.escape(damaged)}: newer than the checkpoint this run resumes from "
+                                         r"\(none: it starts again\)"):
+        assert resume_point(manager, CheckpointManager(str(tmp_path / "best"))) is None
 
 
 def test_a_crafted_rng_file_is_refused_without_advice_to_load_it(tmp_path, monkeypatch) -> None:
@@ -1202,6 +1226,7 @@ def test_a_checkpoint_copied_under_another_name_loads(tmp_path, monkeypatch) -> 
         load_checkpoint(in_progress, nn.Linear(2, 1))
 
 
+@pytest.mark.usefixtures("ends_the_run_if_it_waits")  # a FIFO read would wait for good
 def test_a_checkpoint_without_its_hidden_metadata_file_says_so(tmp_path, monkeypatch) -> None:
     """``cp ckpt/* copy/`` leaves the hidden ``.metadata`` behind: the error names the file, says what
     it is and how the copy lost it, not only "[Errno 2] No such file or directory"."""
@@ -1217,6 +1242,11 @@ def test_a_checkpoint_without_its_hidden_metadata_file_says_so(tmp_path, monkeyp
     with pytest.raises(ValueError, match=rf"^{re.escape(os.path.join(checkpoint, '.metadata'))}: cannot be read back "
                                          r"\(a named pipe \(FIFO\), expected the checkpoint's index of its tensors"):
         load_checkpoint(checkpoint, nn.Linear(2, 1))
+    os.remove(os.path.join(checkpoint, ".metadata"))
+    os.symlink(str(tmp_path / "gone"), os.path.join(checkpoint, ".metadata"))  # damage, not a copy that left it out
+    with pytest.raises(ValueError, match=rf"^{re.escape(os.path.join(checkpoint, '.metadata'))}: cannot be read back "
+                                         rf"\(a dangling symbolic link \(to {re.escape(str(tmp_path / 'gone'))}\)"):
+        load_checkpoint(checkpoint, nn.Linear(2, 1))
 
 
 def test_an_rng_file_that_is_no_file_is_named_as_what_it_is(tmp_path, monkeypatch) -> None:
@@ -1227,8 +1257,8 @@ def test_an_rng_file_that_is_no_file_is_named_as_what_it_is(tmp_path, monkeypatc
     os.remove(rng_file)
     os.symlink(str(tmp_path / "gone.pt"), rng_file)
     os.remove(os.path.join(path, DIGESTS_FILE))
-    with pytest.raises(ValueError, match=rf"^{re.escape(rng_file)}: cannot be read back \(a symbolic link to "
-                                         rf"{re.escape(str(tmp_path / 'gone.pt'))}, which leads to no file\)"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(rng_file)}: cannot be read back \(a dangling symbolic link \(to "
+                                         rf"{re.escape(str(tmp_path / 'gone.pt'))}\)\)"):
         load_checkpoint(path, nn.Linear(2, 1))
 
 

@@ -315,8 +315,11 @@ def _a_stream_stopped_and_continued(schema_path: str) -> Dict[str, Any]:
     first = train_epoch(model, optimizer, source, ctx.device, on_step=lambda step, loss: step == 3, progress=False)
     unused = [next(i for i, batch in enumerate(batches) if batch is left) for left in first.unused_batches]
     second = train_epoch(model, optimizer, itertools.chain(first.unused_batches, source), ctx.device, progress=False)
+    # an iterable passed in: its iterator is closed here, and nothing comes back
+    stopped_iterable = train_epoch(model, optimizer, batches, ctx.device, on_step=lambda step, loss: step == 3,
+                                   progress=False)
     return {"unused": unused, "steps": [first.steps, second.steps], "pulled": len(pulled),
-            "whole_epoch_unused": second.unused_batches}
+            "whole_epoch_unused": second.unused_batches, "iterable_unused": stopped_iterable.unused_batches}
 
 
 @pytest.mark.multiprocess
@@ -327,6 +330,7 @@ def test_the_batches_read_ahead_of_a_stopping_step_come_back_to_the_caller(synth
     # torchrec 1.8's pipeline holds batches 4 and 5 (3 and 4 counted from 0) when step 3 ends
     assert result["unused"] == [3, 4], result
     assert result["steps"] == [3, 5] and result["pulled"] == 8 and result["whole_epoch_unused"] == [], result
+    assert result["iterable_unused"] == [], result
 
 
 def _grad_mode_in_evaluation(schema_path: str) -> List[bool]:

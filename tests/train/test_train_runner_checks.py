@@ -558,18 +558,22 @@ def test_a_days_data_without_valid_and_test_splits_names_both_settings_at_once(s
     check_split_names(_config(synthetic_dir, "data.valid_split=", "data.test_split="), day)
 
 
-def _config_check(schema_dir: str, root: str, rank_one: List[str]) -> str:
-    """Rank 1 adds the overrides ``rank_one`` (another copy of the config file on its host); what the check raises."""
+def _config_check(schema_dir: str, root: str, rank_one: List[str]) -> List[str]:
+    """Rank 1 adds the overrides ``rank_one`` (another copy of the config file on its host); what the check raises
+    naming at most 5 (the default), 1 and 2 keys per rank ("passed" where it raises nothing)."""
     from recsys_llm.train.distributed import init_distributed
     from recsys_llm.train.run_records import check_same_config_on_every_rank
 
     ctx = init_distributed("cpu")
-    try:
-        check_same_config_on_every_rank(_config(schema_dir, f"train.run_dir={root}/run",
-                                                *(rank_one if ctx.rank == 1 else [])))
-    except ConfigError as exc:
-        return str(exc)
-    return "passed"
+    config = _config(schema_dir, f"train.run_dir={root}/run", *(rank_one if ctx.rank == 1 else []))
+    raised = []
+    for most in (5, 1, 2):
+        try:
+            check_same_config_on_every_rank(config, shown=most)
+            raised.append("passed")
+        except ConfigError as exc:
+            raised.append(str(exc))
+    return raised
 
 
 @pytest.mark.multiprocess
@@ -583,10 +587,12 @@ def test_ranks_started_with_different_settings_are_refused_on_every_rank_naming_
     schema_json = os.path.join(synthetic_dir, "schema.json")
     same = run_multiprocess(_config_check, world_size=2, schema_dir=synthetic_dir, root=str(tmp_path),
                             rank_one=[f"data.schema={schema_json}"])
-    assert same == ["passed"] * 2
-    errors = run_multiprocess(_config_check, world_size=2, schema_dir=synthetic_dir, root=str(tmp_path),
+    assert same == [["passed"] * 3] * 2
+    raised = run_multiprocess(_config_check, world_size=2, schema_dir=synthetic_dir, root=str(tmp_path),
                               rank_one=["model.embedding_dim=8", "optim.dense_lr=0.01"])
-    assert errors[0] == errors[1] == (
-        "the ranks were started with different settings (rank 0's -> theirs): rank 1: model.embedding_dim: 16 -> 8; "
-        "optim.dense_lr: 0.001 -> 0.01. Every rank must run the same --config and overrides: the same config file on "
-        "every host")
+    assert raised[0] == raised[1]
+    prefix, suffix = ("the ranks were started with different settings (rank 0's -> theirs): rank 1: ",
+                      ". Every rank must run the same --config and overrides: the same config file on every host")
+    assert raised[0] == [prefix + "model.embedding_dim: 16 -> 8; optim.dense_lr: 0.001 -> 0.01" + suffix,
+                         prefix + "model.embedding_dim: 16 -> 8 (and 1 more)" + suffix,  # at most 1 named
+                         prefix + "model.embedding_dim: 16 -> 8; optim.dense_lr: 0.001 -> 0.01" + suffix]
