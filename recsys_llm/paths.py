@@ -1,4 +1,5 @@
-"""Names read from files that must stay inside their directory."""
+"""Paths read from files and given by users: names that must stay inside their directory, and what a path is
+when it is no regular file to read (a FIFO, a directory, a dangling link)."""
 
 import os
 import stat

@@ -449,7 +449,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         # extension fields (as in Docker Compose files): a place for YAML anchors the sections merge in, read no further
-        raw = {key: value for key, value in raw.items() if not (isinstance(key, str) and key.startswith(EXTENSION_PREFIX))}
+        raw = {key: value for key, value in raw.items()
+               if not (isinstance(key, str) and key.startswith(EXTENSION_PREFIX))}
     from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
     if not from_file.get("elec") and isinstance(raw.get("elec"), dict) and raw["elec"] and "task" not in raw["elec"]:
