@@ -415,20 +415,26 @@ def changed_entity_vectors(saved_plugins: Dict[str, Any], current_plugins: Dict[
     """The entity tables whose export (``elec.entity_vectors``: provenance, key hash and count) now
     differs from the one a run recorded, e.g. ``"item_id (model: 'a' -> 'b')"``; fields that only one
     record has (an export not named, or a run written before the record existed) are not compared, nor the
-    entries ``ignored`` (e.g. ``DAY_DEPENDENT_ENTITY_KEYS``)."""
+    entries ``ignored`` (e.g. ``DAY_DEPENDENT_ENTITY_KEYS``), nor ``LATER_ENTITY_KEYS`` the run's record lacks (its
+    export was made before exports wrote them: the same vectors exported again now have them)."""
     saved = (saved_plugins.get("elec") or {}).get("entity_vectors") or {}
     current = json.loads(json.dumps((current_plugins.get("elec") or {}).get("entity_vectors") or {}, default=str))
 
-    def compared(record: Dict[str, Any]) -> Dict[str, Any]:
-        return {key: value for key, value in record.items() if key not in ignored}
+    def compared(record: Dict[str, Any], left_out: Set[str]) -> Dict[str, Any]:
+        return {key: value for key, value in record.items() if key not in left_out}
 
     changes = []
     for field in sorted(set(saved) & set(current)):
-        differing = _provenance_changes(compared(saved[field]), compared(current[field]))
+        left_out = set(ignored) | (set(LATER_ENTITY_KEYS) - set(saved[field]))
+        differing = _provenance_changes(compared(saved[field], left_out), compared(current[field], left_out))
         if differing:
             changes.append(f"{field} ({'; '.join(differing)})")
     return changes
 
+
+#: entity-export provenance entries exports began to write after runs recorded exports (``vocabulary``: 2026-12-06);
+#: a run whose record lacks one is not compared on it (its ``keys_sha256`` and ``num_rows`` still pin the ids)
+LATER_ENTITY_KEYS = ("vocabulary",)
 
 #: entity-export provenance entries that follow the day's data, not the LLM that wrote the vectors: a run started
 #: from an earlier day's (``train.init_from``) names the day's export, which covers the grown vocabulary's new ids

@@ -215,3 +215,23 @@ def test_a_resume_over_entity_vectors_exported_again_by_another_model_is_refused
     assert out["again_step"] == 2
     assert out["refusal"] is not None and "the entity vector exports now hold other vectors" in out["refusal"]
     assert "item_id (model: 'a' -> 'b')" in out["refusal"]
+
+
+def test_a_run_recorded_before_exports_wrote_their_vocabulary_resumes_over_the_same_vectors_exported_again() -> None:
+    """A gain run of a version before 2026-12-06 recorded its entity export without ``vocabulary``; the same vectors
+    exported again by this version carry it. That is no change (the keys' hash and count still pin the ids), while
+    another model, or a vocabulary that both records hold and that differs, still is."""
+    from recsys_llm.train.run_records import changed_entity_vectors
+
+    old = {"model": "a", "keys_sha256": "k1", "num_rows": "100"}
+    again = dict(old, vocabulary='{"digest": "d1", "ids": 101}')
+
+    def plugins(record: Dict[str, str]) -> Dict[str, Any]:
+        return {"elec": {"entity_vectors": {"item_id": record}}}
+
+    assert changed_entity_vectors(plugins(old), plugins(again)) == []
+    assert changed_entity_vectors(plugins(old), plugins(dict(again, model="b"))) == ["item_id (model: 'a' -> 'b')"]
+    assert changed_entity_vectors(plugins(again), plugins(dict(again, vocabulary="other"))) == [
+        "item_id (vocabulary: '{\"digest\": \"d1\", \"ids\": 101}' -> 'other')"]
+    assert changed_entity_vectors(plugins(again), plugins(old)) == [
+        "item_id (vocabulary: '{\"digest\": \"d1\", \"ids\": 101}' -> None)"]
