@@ -693,7 +693,8 @@ def check_resumable(config: ExperimentConfig, saved_path: str,
 
     Raises:
         ConfigError: naming the settings that differ (only ``RESUME_FREE_KEYS`` may, and a moved
-            ``MOVABLE_PATH_KEYS`` file whose content ``plugins.json`` records).
+            ``MOVABLE_PATH_KEYS`` file whose content ``plugins.json`` records), or naming the edit of a
+            config.yaml changed since the run wrote it (``plugins.json``'s ``SETTINGS_KEY`` record).
     """
     saved = load_config(saved_path)
     movable = _movable_beside(saved_path)

@@ -39,8 +39,9 @@ def reopen_for_budget(state: TrainState, train_cfg: TrainConfig) -> TrainState:
 
 
 def resume_point(checkpoints: CheckpointManager, best: CheckpointManager, *, warn: bool = True) -> Optional[str]:
-    """The newest complete checkpoint of ``checkpoints/`` and ``best/`` (``checkpoints/`` on a tie); ``warn``:
-    name a newer ``ckpt-N`` that is incomplete (damaged) and passed over (a second look of the same start, not).
+    """The newest complete checkpoint of ``checkpoints/`` and ``best/`` (``checkpoints/`` on a tie), None when
+    neither holds one; with ``warn`` (False for a second look at the same start), a warning names each newer
+    ``ckpt-N`` of either that is incomplete (damaged: see :meth:`CheckpointManager.incomplete_after`) and passed over.
 
     A ``best/`` checkpoint is a full snapshot of the run (weights, optimizer, RNG, position,
     train state equal to the periodic checkpoint that follows it at the same step), so when a
