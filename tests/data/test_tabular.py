@@ -5,6 +5,7 @@ import decimal
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ import yaml
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import SchemaError
 from recsys_llm.data.tabular import TabularConfig, prepare_tabular
+from recsys_llm.data.tabular.raw_values import raw_value_ids
 from recsys_llm.data.validation import DataError
 
 SCHEMA = {
@@ -370,6 +372,32 @@ def test_a_missing_token_that_is_a_number_stays_a_number_in_numeric_columns(tmp_
     assert table["price"].to_pylist()[:4] == [1.5, -1.0, 7.0, 0.0]  # -1 and 0 numbers as written, \\N filled
     assert table["city"].to_pylist()[1] == 0  # the string column's -1: missing, as before
     assert sorted(set(table["clicked"].to_pylist())) == [0, 1]  # a label of 0 is no missing label
+
+
+def test_a_missing_token_is_missing_in_parquet_columns_and_among_a_sequences_tokens(tmp_path):
+    """--missing-token made whole CSV cells missing only: a Parquet column's NA (pandas' astype(str) writes None, nan)
+    and a sequence's token NA (a|NA|b) stayed values, and the warning kept advising the --missing-token already
+    given. A served model gives such a value id 0 (the vocabulary lacks it), as the prepared rows hold it."""
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "city", "kind": "sparse", "cardinality": 10},
+                                                       {"name": "cats", "kind": "sequence", "cardinality": 10,
+                                                        "max_length": 3}]}
+    schema_path = _schema_file(tmp_path, raw)
+    cities, cats = ["Paris", "NA", " NA ", "Lyon"] * 10, ["a|NA|b", "NA", "b", ""] * 10
+    table = pa.table({"city": cities, "cats": cats, "clicked": [0, 1] * 20})
+    pq.write_table(table, tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("city,cats,clicked\n" + "".join(f"{c},{t},{i % 2}\n" for i, (c, t) in
+                                                                      enumerate(zip(cities, cats))))
+    config = TabularConfig(missing_tokens=("", "NA"))
+    for name in ("d.parquet", "d.csv"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning advising the --missing-token given
+            schema = prepare_tabular(str(tmp_path / name), schema_path, str(tmp_path / f"out-{name}"), config)
+        assert schema.load_value_text("city")["text"].to_pylist() == ["unknown", "Lyon", "Paris"], name
+        assert schema.load_value_text("cats")["text"].to_pylist() == ["unknown", "a", "b"], name
+        out = pa.concat_tables([pq.read_table(schema.split_path(s)) for s in schema.splits]).sort_by("row_id")
+        assert out["city"].to_pylist()[:4] == [2, 0, 0, 1], name
+        assert out["cats"].to_pylist()[:4] == [[1, 2], [], [2], []], name
+        assert raw_value_ids(schema, "cats", ["a|NA|b"])[0].tolist() == [1, 2]
 
 
 def test_a_latin1_header_is_named_not_utf8(tmp_path):
@@ -1103,8 +1131,15 @@ def test_a_column_named_with_other_case_or_spaces_is_pointed_out(tmp_path):
     """Exports often write 'User ' or 'USER': the message points at the column, not only lists them all."""
     data, schema_path = _parquet_case(tmp_path, {"City ": pa.array([1, 2] * 20), "TS": pa.array(range(40))}, SPARSE)
     with pytest.raises(DataError, match=r"d\.parquet: missing column\(s\) \['city'\] named in .*schema\.yaml; the file has "
-                                        r"'City ' for 'city' \(names must match exactly, case and spaces included\); "
+                                        r"'City ' for 'city' \(names must match exactly, case, spaces and Unicode form "
+                                        r"included\); "
                                         r"the file has columns"):
+        prepare_tabular(data, schema_path, str(tmp_path / "out"))
+    # an NFD 'e' + U+0301 (macOS, some exports) prints as the schema's NFC 'é': the message tells them apart
+    data, schema_path = _parquet_case(tmp_path, {"cite\u0301": pa.array([1, 2] * 20), "TS": pa.array(range(40))},
+                                      [dict(SPARSE[0], name="cit\u00e9")])
+    with pytest.raises(DataError, match=r"the file has 'cit.+' for 'cit.' \('cite\\u0301': another Unicode form of "
+                                        r"'cit\\xe9'\)"):
         prepare_tabular(data, schema_path, str(tmp_path / "out"))
     data, schema_path = _parquet_case(tmp_path, {"city": pa.array([1, 2] * 20), "TS": pa.array(range(40))}, SPARSE)
     with pytest.raises(DataError, match=r"missing column 'ts' named by --split-by \(TabularConfig\.split_by\); the file has "

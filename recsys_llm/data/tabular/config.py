@@ -30,7 +30,9 @@ class TabularConfig:
         rows_per_group (int): Parquet row group size.
         block_bytes (int): CSV bytes parsed per block.
         missing_tokens (Tuple[str, ...]): CSV cells of string columns (sparse, sequence, extra)
-            read as missing; by default only the empty cell, so words such as ``NA``
+            read as missing, and so are the categorical fields' values equal to one (a Parquet
+            column's values, a sequence's tokens, read without surrounding spaces); by default
+            only the empty cell, so words such as ``NA``
             (Namibia) or ``null`` stay values. Numeric columns (dense, label) read pyarrow's
             usual missing markers (empty, ``NA``, ``NaN``, ``null``, ``N/A``, ...) and those of
             these tokens that are no number (MySQL's ``\\N``; ``-1`` stays -1 there).

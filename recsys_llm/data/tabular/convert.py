@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import shlex
+import unicodedata
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -26,7 +27,7 @@ from recsys_llm.data.tabular.source import (ColumnTypeChanged, csv_column_types,
                                             read_blocks, repeated_columns, source_columns)
 from recsys_llm.data.tabular.splits import random_split, split_of_rows
 from recsys_llm.data.tabular.tokens import (ID_WAY_OF_PLAN, INTEGER_PATTERN, NULL_MARKERS, FieldPlan, field_tokens,
-                                            plan_fields, token_ids, without_unknown_tokens)
+                                            missing_tokens, plan_fields, token_ids, without_unknown_tokens)
 from recsys_llm.data.validation import (
     DataError,
     check_dense,
@@ -388,8 +389,14 @@ def format_hint(path: str, available: List[str], config: TabularConfig) -> str:
 def near_names(missing: List[str], available: List[str]) -> str:
     """``"the file has 'User ' for 'user' (...); "`` for each missing column that a column of the file names
     but for case and surrounding spaces; ``""`` when none does."""
-    near = [f"{a!r} for {m!r}" for m in missing for a in available if a != m and a.strip().lower() == m.strip().lower()]
-    return f"the file has {', '.join(near)} (names must match exactly, case and spaces included); " if near else ""
+    def key(name: str) -> str:  # an NFD 'é' (macOS, some exports) is the NFC one of the schema to a reader's eye
+        return unicodedata.normalize("NFC", name).strip().lower()
+
+    near = [f"{a!r} for {m!r}" + (f" ({ascii(a)}: another Unicode form of {ascii(m)})"
+                                  if a.strip().lower() != m.strip().lower() else "")
+            for m in missing for a in available if a != m and key(a) == key(m)]
+    return (f"the file has {', '.join(near)} (names must match exactly, case, spaces and Unicode form included); "
+            if near else "")
 
 
 def _output_schema(
@@ -636,7 +643,8 @@ def _convert_block(
             out[spec.name] = values.astype(np.float32)
             continue
         # plan_fields, the first pass, checked every block's strings for UTF-8
-        flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row, plans[spec.name].missing,
+        flat, lengths = field_tokens(array, spec, config.sequence_separator, path, row,
+                                     missing_tokens(config, plans[spec.name].missing),
                                      utf8_checked=utf8_checked)
         offsets = None if lengths is None else offsets_from_lengths(lengths)
         try:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.tabular.config import TabularConfig
 from recsys_llm.data.tabular.source import read_blocks
-from recsys_llm.data.tabular.tokens import FieldPlan, field_tokens
+from recsys_llm.data.tabular.tokens import FieldPlan, field_tokens, missing_tokens
 from recsys_llm.progress import bar_options
 
 
@@ -67,7 +67,8 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
         for file_path, row, block in read_blocks(data_path, like, [spec.name for spec in fields], config):
             bar.update(block.num_rows)
             for spec in fields:
-                flat, _ = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
+                flat, _ = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row,
+                                         missing_tokens(config))
                 if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
                     flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary, as token_ids does
                 flat = flat.drop_null()  # a missing value keeps id 0

@@ -43,8 +43,9 @@ def raw_value_ids(
     Values are what the source held: strings (trimmed of surrounding white space as the
     conversion trims them) or integers, None (or a blank string) for a missing value; for a
     sequence field, a list of such values or one string joined by ``sequence_separator`` (the
-    one the data was prepared with, ``TabularConfig.sequence_separator``). A cell the CSV reader
-    took as missing (``TabularConfig.missing_tokens``) is passed as None.
+    one the data was prepared with, ``TabularConfig.sequence_separator``). A value or a sequence's token the
+    preparation took as missing (``TabularConfig.missing_tokens``) is passed as None, or left out of the sequence:
+    through a vocabulary it gets id 0 (or is dropped) anyway, but a hashed field would hash it.
 
     Args:
         schema (DatasetSchema): the prepared schema; its ``ids`` names the field's way.

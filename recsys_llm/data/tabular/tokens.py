@@ -160,6 +160,17 @@ def _check_utf8(array: pa.Array, path: str, spec: FieldSpec, row: int) -> None:
         ) from error
 
 
+def missing_tokens(config: TabularConfig, markers: Optional[pa.Array] = None) -> Optional[pa.Array]:
+    """The tokens of a categorical field that are missing (strings, or None when none is): ``config.missing_tokens``
+    (without the empty one: a blank token is missing anyway) and ``markers`` (a plan's missing-value markers among
+    integer ids). A CSV reader makes only whole cells equal to a token missing; these also make a sequence's tokens
+    (``a|NA|b``) and a Parquet column's values missing, as the warnings about such values advise."""
+    tokens = {token.strip() for token in config.missing_tokens} - {""}
+    if markers is not None:
+        tokens.update(markers.to_pylist())
+    return pa.array(sorted(tokens), pa.string()) if tokens else None
+
+
 def field_tokens(
     array: pa.Array,
     spec: FieldSpec,
@@ -175,8 +186,9 @@ def field_tokens(
     ids made int64 (NaN is missing, a fraction an error) and strings trimmed of surrounding white
     space. Sequences drop their missing tokens: null elements (of string and of integer lists
     alike), empty or blank strings, and strings in ``missing`` (markers such as ``NA`` among
-    integer ids); a null list is an empty sequence. Sparse fields keep their nulls and make
-    empty or blank strings null (id 0). ``utf8_checked``: an earlier pass over the same
+    integer ids, ``--missing-token`` values: :func:`missing_tokens`); a null list is an empty sequence.
+    Sparse fields keep their nulls and make empty or blank strings, and strings in ``missing``, null (id 0).
+    ``utf8_checked``: an earlier pass over the same
     rows (:func:`plan_fields`) checked that their strings are UTF-8.
 
     Raises:
@@ -193,6 +205,8 @@ def field_tokens(
         if _is_text(flat.type):  # as a sequence's tokens: " Paris" is "Paris"; a blank cell is missing
             flat = pc.utf8_trim_whitespace(flat)
             flat = pc.if_else(pc.equal(flat, ""), pa.scalar(None, flat.type), flat)
+            if missing is not None:
+                flat = null_where_in(flat, missing.cast(flat.type))
     else:
         if _is_text(array.type):
             array = pc.split_pattern(pc.fill_null(array, ""), separator)
@@ -206,7 +220,8 @@ def field_tokens(
             flat = pc.utf8_trim_whitespace(flat)
             keep = pc.and_(keep, pc.fill_null(pc.not_equal(flat, ""), False))
             if missing is not None:
-                keep = pc.and_(keep, pc.invert(pc.fill_null(pc.is_in(flat, value_set=missing), False)))
+                missing_here = pc.is_in(flat, value_set=missing.cast(flat.type))
+                keep = pc.and_(keep, pc.invert(pc.fill_null(missing_here, False)))
         keep = np.asarray(keep, dtype=bool)
         if not keep.all():
             rows = np.repeat(np.arange(len(lengths)), lengths)
@@ -345,7 +360,8 @@ def plan_fields(
         for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
             bar.update(block.num_rows)
             for spec in schema.categorical_fields:
-                flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row)
+                flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row,
+                                             missing_tokens(config))
                 if lengths is not None and len(lengths) and int(lengths.max()) > 1:
                     split_cells.add(spec.name)
                 if spec.name in hashed:  # read for its UTF-8 check only: the field is hashed whatever its values
