@@ -1454,3 +1454,20 @@ def test_tabular_config_refuses_a_non_string_split_by():
 
     with pytest.raises(ValueError, match=r"TabularConfig.split_by: expected a string or None, got 1"):
         TabularConfig(split_by=1)
+
+
+def test_one_text_in_several_unicode_forms_is_warned_about(tmp_path):
+    """An NFD 'Café' (macOS, some exports) beside the NFC one, and 'Paris' with a zero-width space beside 'Paris',
+    became values of their own with no word: a served request in the other form got the other id."""
+    raw = {"name": "t", "label": "clicked", "fields": [{"name": "city", "kind": "sparse", "cardinality": 10}]}
+    schema_path = _schema_file(tmp_path, raw)
+    cities = ["Caf\u00e9", "Cafe\u0301", "Paris", "Paris\u200b", "Lyon", "\u00c9vry"] * 5
+    pq.write_table(pa.table({"city": cities, "clicked": [0, 1] * 15}), tmp_path / "d.parquet")
+    with pytest.warns(UserWarning, match=r"column 'city' holds 2 text\(s\) in several Unicode forms \('Cafe\\u0301' / "
+                                         r"'Caf\\xe9'; 'Paris' / 'Paris\\u200b'\), each form a value of its own"):
+        prepare_tabular(str(tmp_path / "d.parquet"), schema_path, str(tmp_path / "out"))
+    pq.write_table(pa.table({"city": ["Caf\u00e9", "\u00c9vry", "Paris"] * 10, "clicked": [0, 1] * 15}),
+                   tmp_path / "one.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one form each: no warning
+        prepare_tabular(str(tmp_path / "one.parquet"), schema_path, str(tmp_path / "out-one"))

@@ -265,6 +265,7 @@ def _convert(
     for name, plan in plans.items():
         if plan.mode == "vocab":
             _warn_of_missing_markers(data_path, name, plan.vocabulary)
+            _warn_of_unicode_variants(data_path, name, plan.vocabulary)
     total = len(split_values) if split_values is not None else rows
     split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
     schema = _output_schema(user_schema, plans, out_dir, user_texts)
@@ -341,6 +342,33 @@ def _warn_of_missing_markers(data_path: str, name: str, vocabulary: pa.Array) ->
         warnings.warn(f"{data_path}: column {name!r} holds {found}, taken as values of their own (categories with "
                       f"ids and texts); if they mean a missing value, prepare again with {options} (id 0, as an "
                       "empty cell)", stacklevel=3)
+
+
+#: characters that show as nothing: a value with one reads as the value without it
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def _warn_of_unicode_variants(data_path: str, name: str, vocabulary: pa.Array, shown: int = 3) -> None:
+    """Warns where a field's vocabulary holds one text in several Unicode forms (an NFD ``e`` + U+0301 beside the
+    NFC ``\xe9``, a zero-width space): each became a value of its own (an id and a text), and a served request
+    in the other form gets the other id. Only non-ASCII values are normalized (an ASCII text has one form)."""
+    non_ascii = vocabulary.filter(pc.invert(pc.string_is_ascii(vocabulary))).to_pylist()
+    forms: Dict[str, List[str]] = {}
+    for value in non_ascii:
+        forms.setdefault(unicodedata.normalize("NFC", value).translate(INVISIBLE), []).append(value)
+    ascii_forms = [form for form in forms if form.isascii()]  # 'Paris' + U+200B beside 'Paris'
+    if ascii_forms:
+        present = vocabulary.filter(pc.is_in(vocabulary, value_set=pa.array(ascii_forms, pa.string())))
+        for form in present.to_pylist():
+            forms[form].append(form)
+    groups = [sorted(values) for values in forms.values() if len(values) > 1]
+    if groups:
+        listed = "; ".join(" / ".join(ascii(value) for value in group) for group in groups[:shown])
+        more = f" and {len(groups) - shown} more" if len(groups) > shown else ""
+        warnings.warn(f"{data_path}: column {name!r} holds {len(groups)} text(s) in several Unicode forms ({listed}"
+                      f"{more}), each form a value of its own (an id and a text); to read them as one, normalize the "
+                      "column (unicodedata.normalize('NFC', ...), zero-width characters removed) before preparing, "
+                      "and the served model's raw values the same way", stacklevel=3)
 
 
 def write_vocabulary(path: str, vocabulary: pa.Array) -> None:
