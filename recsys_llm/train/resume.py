@@ -128,7 +128,7 @@ def check_resumable_position(state: TrainState, ctx: DistContext, train_cfg: Tra
         change = (f"with {ctx.world_size} rank(s) after {state.world_size} rank(s) read part of it" if other_ranks
                   else f"in another row order than data.batch_size={state.batch_size} read part of it in")
         print(f"[recsys_llm] train.reshard_mid_epoch: epoch {state.epoch} goes on {change}; some of its rows repeat, "
-              "others are skipped", flush=True)
+              "others are skipped", file=sys.stderr, flush=True)
 
 
 def state_for_world(state: TrainState, ctx: DistContext, batch_size: int, seed: int,

@@ -2,6 +2,7 @@
 rank-sharded readers of train / valid / test, and the metric subsets the data marks."""
 
 import os
+import sys
 from typing import Dict, Optional
 
 import pyarrow.parquet as pq
@@ -87,14 +88,15 @@ def _generate_once(schema_file: str, rows: int, seed: int) -> None:
     os.makedirs(parent, exist_ok=True)
     lock = os.path.join(parent, f".{name}.generating.lock")
     if os.path.exists(lock):  # maybe another job's, generating now (or a killed one's: no lock then, no wait)
-        print(f"[recsys_llm] {schema_file}: waiting for the job that holds {lock} to generate it", flush=True)
+        print(f"[recsys_llm] {schema_file}: waiting for the job that holds {lock} to generate it", file=sys.stderr,
+              flush=True)
     with file_locked(lock, "", wait=True):
         if os.path.exists(schema_file):
             return
         # a mistyped or unmounted data.schema lands here too: say so, and never write into a
         # directory that holds something else (write_prepared refuses it)
         print(f"[recsys_llm] {schema_file} not found: generating {rows} rows of the embedded synthetic data "
-              "there (data.synthetic_rows; set it to 0 to require existing data)", flush=True)
+              "there (data.synthetic_rows; set it to 0 to require existing data)", file=sys.stderr, flush=True)
         write_prepared(directory, "synthetic", [], lambda tmp: generate_synthetic(tmp, rows, seed=seed, progress=True))
 
 

@@ -419,7 +419,7 @@ def test_a_missing_schema_generates_synthetic_data_only_where_nothing_else_lives
     fresh = tmp_path / "fresh"
     schema = load_or_generate_schema(load_config(None, [f"data.schema={fresh}", "data.synthetic_rows=300"]), ctx)
     assert schema.root == str(fresh) and os.path.isfile(fresh / "train.parquet")
-    assert f"{fresh}/schema.json not found: generating 300 rows" in capsys.readouterr().out
+    assert f"{fresh}/schema.json not found: generating 300 rows" in capsys.readouterr().err
     # a job on a trained run whose config names its data relative to another working directory
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"the relative path 'data/ml' is read from the working directory "
