@@ -1159,7 +1159,7 @@ def test_a_checkpoint_of_an_epochs_last_step_goes_on_at_its_end_under_another_ba
     # 9,600 rows in 37 batches of 256 and one of 128: all of them, not 9 batches of 1000 and 728 rows
     whole = state_for_world(TrainState(step_in_epoch=38, global_step=38, world_size=1, batch_size=256), ctx, 1000,
                             seed=0, reader=reader)
-    assert whole.step_in_epoch == 10 and "read again" not in capsys.readouterr().out
+    assert whole.step_in_epoch == 10 and "read again" not in capsys.readouterr().err
     last_of_two = TrainState(step_in_epoch=5, global_step=5, world_size=2, batch_size=1000)
     check_resumable_position(last_of_two, ctx, TrainConfig(epochs=2), reader, shuffle=True)  # not refused
     with pytest.raises(ConfigError, match="4 steps into epoch 0 by 2 rank"):
@@ -1502,7 +1502,7 @@ def test_a_mid_epoch_resume_with_a_batch_size_that_shuffles_otherwise_is_refused
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     state = TrainState(step_in_epoch=1, global_step=1, world_size=1, batch_size=16_384)
     check_resumable_position(state, ctx, TrainConfig(epochs=1, reshard_mid_epoch=True), reader, shuffle=True)
-    assert "goes on in another row order" in capsys.readouterr().out
+    assert "goes on in another row order" in capsys.readouterr().err
     check_resumable_position(state, ctx, TrainConfig(epochs=1), reader, shuffle=False)  # read in file order
     smaller, rows = first_rows(4096, 4)
     assert torch.equal(rows, skipped)  # both buffers of 65,536 rows: the same order, the position is exact
