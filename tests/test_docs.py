@@ -607,3 +607,25 @@ def test_every_experiment_command_of_the_docs_parses(monkeypatch) -> None:
                 refused.append(f"{page}: {found.group(0)}\n    {errors.getvalue().strip().splitlines()[-1:]}")
     assert not refused, "\n".join(refused)
     assert checked >= 20, checked
+
+
+def test_the_design_states_the_ctr_llm_optimiser_defaults() -> None:
+    """docs/design.md (ELEC item 7) names the CTR-adapted LLM's optimiser settings, which the ELEC paper leaves
+    open: they must be those that ``tune_ctr_llm`` uses (CTRLLMConfig's defaults, AdamW's own weight decay)."""
+    import inspect
+
+    import torch
+
+    from recsys_llm.semantics import ctr_llm
+    from recsys_llm.semantics.ctr_llm import CTRLLMConfig
+
+    design = _read("docs", "design.md")
+    config = CTRLLMConfig(model_path="unused")
+    assert (config.learning_rate, config.head_learning_rate) == (1e-4, 1e-3)
+    assert (config.batch_size, config.epochs) == (16, 1)
+    assert "1e-4 for the LLM's tuned" in design and "1e-3 for the transformation MLP" in design
+    assert "16 rows a step, 1 epoch" in design
+    # the weight decay is AdamW's default: tune_ctr_llm passes none
+    assert torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).defaults["weight_decay"] == 0.01
+    assert "weight_decay" not in inspect.getsource(ctr_llm.tune_ctr_llm)
+    assert "default weight decay of 0.01 on both groups" in design
