@@ -508,7 +508,9 @@ class CheckpointManager:
         """Writes the checkpoint of ``saved`` into the empty directory ``tmp`` (collective)."""
         barrier()
         try:
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp)
+            # DCP's coordination (plans, metadata, its barrier) is object collectives: on the host group, not
+            # pickled and staged on this rank's GPU through NCCL at every checkpoint (None under gloo: the default)
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp, process_group=host_group())
             _save_synced(_rng_state(), os.path.join(tmp, f"rank{_rank():05d}.pt"))
             barrier()
             _write_digests(tmp)  # collective: every rank hashes a share of the files
@@ -740,7 +742,7 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
     for key in never_stepped:  # the states of the part's other parameters stay in target["optim"]
         del target["optim"][key]
     try:
-        dcp.load(target, storage_reader=reader, planner=WeightsOnlyLoadPlanner())
+        dcp.load(target, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), process_group=host_group())
     except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
         if isinstance(error, pickle.UnpicklingError) and path in str(error):
             raise

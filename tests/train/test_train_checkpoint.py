@@ -7,7 +7,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 from unittest import mock
 
 import pytest
@@ -1556,3 +1556,28 @@ def test_a_checkpoint_without_global_step_after_steps_is_not_taken_for_one_befor
                                  schema_path=synthetic_dir, ckpt_dir=str(tmp_path / "checkpoints"))
     assert result["own_refusal"] is not None
     assert result["own_refusal"].startswith(f"{result['own_path']}: holds no optimizer state for 'dlrm.")
+
+
+def test_dcp_coordinates_on_the_host_group(tmp_path, monkeypatch) -> None:
+    """DCP's plans and metadata are object collectives: under NCCL they go over ``host_group()`` (gloo, in host
+    memory), not pickled onto each rank's GPU through the default NCCL group at every save and load."""
+    from recsys_llm.train import checkpoint
+
+    _state_only_dcp(monkeypatch)
+    host = object()  # stands in for the gloo group host_group() makes under NCCL
+    monkeypatch.setattr(checkpoint, "host_group", lambda: host)
+    groups: List[Any] = []
+    save, load = checkpoint.dcp.save, checkpoint.dcp.load
+
+    def recording(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, process_group: Any = None, **kwargs: Any) -> Any:
+            groups.append(process_group)
+            return real(*args, **kwargs)  # the one process's own default
+        return call
+
+    monkeypatch.setattr(checkpoint.dcp, "save", recording(save))
+    monkeypatch.setattr(checkpoint.dcp, "load", recording(load))
+    model = nn.Linear(2, 1)
+    path = CheckpointManager(str(tmp_path), keep=1).save(model, None, TrainState(global_step=1))
+    load_checkpoint(path, nn.Linear(2, 1), restore_rng=False)
+    assert groups == [host, host]
