@@ -68,7 +68,7 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
             bar.update(block.num_rows)
             for spec in fields:
                 flat, _ = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row,
-                                         missing_tokens(config))
+                                       missing_tokens(config))
                 if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
                     flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary, as token_ids does
                 flat = flat.drop_null()  # a missing value keeps id 0
