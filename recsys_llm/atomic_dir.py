@@ -147,6 +147,16 @@ LOCK_FILE = ".lock"  # in an output a job fills in place: locked by the job writ
 SWAP_LOCK_SUFFIX = ".lock"  # beside an output swapped in whole: ``.<name>.lock``, held by its writer (atomic_directory)
 
 
+class TryAgainLater(Exception):
+    """A mark of the errors that the input did not cause: another job holds a lock on what this one would write, or
+    changed it while this one started. The same command, once that job has ended, goes on (``recsys-llm`` exits with
+    ``EX_TEMPFAIL``, 75, for them, as for a full disk)."""
+
+
+class LockHeldError(FileExistsError, TryAgainLater):
+    """Another process holds the lock of what this one would write (:func:`file_locked`)."""
+
+
 def try_lock(path: str, wait: bool = False) -> Optional[IO[str]]:
     """The file ``path`` (created) opened with an exclusive flock(2) lock on it, held until the
     handle is closed or its process ends (even by SIGKILL); None when another process holds it
@@ -173,7 +183,7 @@ def directory_locked(directory: str, refusal: str) -> Iterator[None]:
     (:func:`file_locked`).
 
     Raises:
-        FileExistsError: ``refusal``, when another process holds the lock.
+        LockHeldError: ``refusal``, when another process holds the lock.
     """
     os.makedirs(directory, exist_ok=True)
     with file_locked(os.path.join(directory, LOCK_FILE), refusal):
@@ -190,12 +200,12 @@ def file_locked(path: str, refusal: str, wait: bool = False) -> Iterator[None]:
         wait (bool): wait for another process holding the lock to let it go, instead of refusing.
 
     Raises:
-        FileExistsError: ``refusal``, when another process holds the lock (and ``wait`` is False).
+        LockHeldError: ``refusal``, when another process holds the lock (and ``wait`` is False).
     """
     while True:
         handle = try_lock(path, wait)
         if handle is None:
-            raise FileExistsError(refusal)
+            raise LockHeldError(refusal)
         try:
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 break

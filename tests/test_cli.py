@@ -312,7 +312,7 @@ def test_a_disk_that_takes_no_more_writes_is_one_line(monkeypatch, capsys, failu
         raise failure
 
     monkeypatch.setattr(data, "prepare_dataset", fails)
-    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
+    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 75  # EX_TEMPFAIL
     err = capsys.readouterr().err
     assert f"recsys-llm prepare synthetic: error: {line}\n" in err and "Traceback" not in err
 
@@ -391,7 +391,7 @@ def test_a_full_disk_in_a_checkpoint_save_is_the_failing_ranks_line(monkeypatch,
         raise failure()
 
     monkeypatch.setattr(data, "prepare_dataset", fails)
-    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
+    assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 75  # EX_TEMPFAIL
     err = capsys.readouterr().err
     assert f"recsys-llm prepare synthetic: error: {line}\n" in err and "Traceback" not in err, err
 
@@ -414,6 +414,7 @@ def test_a_collective_that_gave_up_on_another_rank_is_one_line(monkeypatch, caps
 
     monkeypatch.setattr(data, "prepare_dataset", fails)
     monkeypatch.setenv("RECSYS_LLM_DIST_TIMEOUT_S", "30")
+    # not EX_TEMPFAIL: the rank that died may have died of its own bad input
     assert main(["prepare", "synthetic", "--out", "/nonexistent/out", "--rows", "10"]) == 2
     err = capsys.readouterr().err
     cause = ("which stalled past RECSYS_LLM_DIST_TIMEOUT_S=30 s (torchrun's summary names this rank, the one that "
@@ -449,7 +450,8 @@ def test_a_full_disk_under_training_names_the_run_directory(monkeypatch, capsys,
 
     monkeypatch.setattr(runner, "run_training", fails)
     run_dir = str(tmp_path / "run")
-    assert main(["train", "--config", os.path.join(REPO, "configs", "synthetic_deepfm.yaml"), f"train.run_dir={run_dir}"]) == 2
+    assert main(["train", "--config", os.path.join(REPO, "configs", "synthetic_deepfm.yaml"),
+                 f"train.run_dir={run_dir}"]) == 75  # EX_TEMPFAIL
     assert f"recsys-llm train: error: [Errno 28] No space left on device (writing {run_dir})\n" in capsys.readouterr().err
 
 
@@ -1127,3 +1129,18 @@ def test_an_error_file_that_cannot_be_written_leaves_the_error_line(monkeypatch,
         main(["prepare", "synthetic", "--rows", "10"])  # argparse's usage error: --out is missing
     assert exit_.value.code == 2
     assert "error: the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_another_jobs_lock_exits_to_try_again_not_as_bad_input(tmp_path, capsys) -> None:
+    """A prepare into an output another job is writing exited 2, as a mistyped option: a wrapper could not tell
+    "retry later" (EX_TEMPFAIL, 75, as for a full disk) from "the input is wrong"."""
+    from recsys_llm.atomic_dir import try_lock
+
+    out = str(tmp_path / "data")
+    held = try_lock(os.path.join(str(tmp_path), ".data.lock"))  # another prepare writing there
+    try:
+        assert main(["prepare", "synthetic", "--out", out, "--rows", "10"]) == 75
+    finally:
+        held.close()
+    assert "another prepared data set is writing it" in capsys.readouterr().err
+    assert main(["prepare", "synthetic", "--out", out, "--rows", "10"]) == 0  # once it has ended

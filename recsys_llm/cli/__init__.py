@@ -20,6 +20,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple, Union
 
+from recsys_llm.atomic_dir import TryAgainLater
 from recsys_llm.error_text import one_line
 from recsys_llm.progress import LINES_ENV, MAXINTERVAL_ENV, MININTERVAL_ENV
 
@@ -255,25 +256,24 @@ def _interruption(error: BaseException) -> Optional[BaseException]:
 OUTPUT_OPTIONS = ("out", "output_dir", "output", "attach_dir", "run_dir")
 
 
+def _output_of(args: Optional[argparse.Namespace]) -> Optional[str]:
+    """The output the command writes (its first of :data:`OUTPUT_OPTIONS` given), None for none."""
+    return next((value for value in (getattr(args, name, None) for name in OUTPUT_OPTIONS)
+                 if isinstance(value, str) and value), None)
+
+
 def _environment_error_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:
     """One line for a failure of the disk the command writes to (full, over quota, read-only, a file past the
-    file-size limit), else None; an error that names no file (pyarrow's "[Errno 28] Error writing bytes to file",
+    file-size limit: the exit code says to try again once that is mended), else None; an error that names no file (pyarrow's "[Errno 28] Error writing bytes to file",
     safetensors' "... (os error 28)") gets the command's output."""
     # the wrapped failures first: a CheckpointException's own text holds every rank's traceback
     candidates = [*_wrapped_failures(error), error]
-    output = next((value for value in (getattr(args, name, None) for name in OUTPUT_OPTIONS)
-                   if isinstance(value, str) and value), None)
+    output = _output_of(args)
     for candidate in candidates:
         if isinstance(candidate, OSError) and candidate.errno in ENVIRONMENT_ERRNOS:
             if candidate.filename is None and output is not None:
                 return f"{candidate} (writing {output})"
             return str(candidate)
-    # an output name near NAME_MAX: the hidden temp, lock and backup names beside it are longer
-    for candidate in candidates:
-        if isinstance(candidate, OSError) and candidate.errno == errno.ENAMETOOLONG:
-            return (f"{one_line(candidate)}: a file name is too long for the file system; the commands write hidden "
-                    "temporary, lock and backup files beside their outputs, named after them with up to 30 more "
-                    f"characters: choose a shorter name{f' than {output}' if output is not None else ''}")
     for candidate in _wrapped_failures(error) or [error]:  # not the wrapper's text: every rank's traceback
         rust_errno = RUST_OS_ERROR.search(str(candidate))
         if rust_errno and int(rust_errno.group(1)) in ENVIRONMENT_ERRNOS:
@@ -283,6 +283,18 @@ def _environment_error_line(error: BaseException, args: Optional[argparse.Namesp
             where = f" ({output})" if output is not None else ""
             return (f"a file could not be written whole ({one_line(candidate)}): check the free space, quota and "
                     f"file-size limit (ulimit -f) where the command writes{where}")
+    return None
+
+
+def _name_too_long_line(error: BaseException, args: Optional[argparse.Namespace] = None) -> Optional[str]:
+    """One line for an output name near NAME_MAX (the hidden temp, lock and backup names beside it are longer), else
+    None."""
+    output = _output_of(args)
+    for candidate in [*_wrapped_failures(error), error]:
+        if isinstance(candidate, OSError) and candidate.errno == errno.ENAMETOOLONG:
+            return (f"{one_line(candidate)}: a file name is too long for the file system; the commands write hidden "
+                    "temporary, lock and backup files beside their outputs, named after them with up to 30 more "
+                    f"characters: choose a shorter name{f' than {output}' if output is not None else ''}")
     return None
 
 
@@ -332,17 +344,21 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _error_exit(command: str, message: object) -> int:
+USAGE_ERROR = 2  # the input (an option, a file, a config value) is wrong: the same command fails again
+TRY_AGAIN = 75  # EX_TEMPFAIL: the input is fine, the environment stopped it (a full disk, another job's lock)
+
+
+def _error_exit(command: str, message: object, code: int = USAGE_ERROR) -> int:
     """Prints ``recsys-llm <command>: error: <message>`` (``recsys-llm: error: ...`` without a
     command) and the traceback hint, leaves the same line for the launcher
-    (:func:`record_for_launcher`); returns exit code 2."""
+    (:func:`record_for_launcher`); returns ``code`` (:data:`USAGE_ERROR`, or :data:`TRY_AGAIN`)."""
     _close_progress_bars()
     line = f"recsys-llm{' ' + command if command else ''}: error: {without_command(message, command)}"
     # one write: print's separate write of the line end let the lines of ranks failing together run into each other
     sys.stderr.write(f"{line}\n(set {TRACEBACK_ENV}=1 for the traceback)\n")
     sys.stderr.flush()
     record_for_launcher(line)
-    return 2
+    return code
 
 
 def record_for_launcher(line: Optional[str] = None) -> None:
@@ -652,7 +668,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             record_for_launcher()
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        return _error_exit(command, message)
+        return _error_exit(command, message, TRY_AGAIN if isinstance(error, TryAgainLater) else USAGE_ERROR)
     except BaseException as error:
         # Ctrl-C / SIGTERM during a checkpoint save: torch.distributed.checkpoint wraps it
         interruption = _interruption(error)
@@ -673,12 +689,14 @@ def _run_command(argv: Optional[List[str]]) -> int:
                       "on",
                       file=sys.stderr, flush=True)
             raise interruption from None
-        line = _environment_error_line(error, args) or _peer_failure_line(error)
+        environment = _environment_error_line(error, args)
+        line = environment or _name_too_long_line(error, args) or _peer_failure_line(error)
         if line is None or _traceback_asked():
             if isinstance(error, Exception):
                 record_for_launcher()
             raise
-        return _error_exit(command, line)
+        # a rank that died of its own bad input fails the others' collectives: theirs is no reason to try again
+        return _error_exit(command, line, TRY_AGAIN if environment is not None else USAGE_ERROR)
     finally:  # a command that ended normally has torn its own group down already
         warnings.formatwarning = caller_format
         if "torch.distributed" in sys.modules:  # a group of the caller's (the examples, the demo) stays

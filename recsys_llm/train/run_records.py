@@ -14,7 +14,7 @@ from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from recsys_llm.atomic_dir import try_lock
+from recsys_llm.atomic_dir import TryAgainLater, try_lock
 from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.schema_changes import schema_change_note
@@ -142,17 +142,21 @@ def check_data_unchanged(config: ExperimentConfig, schema: DatasetSchema, starte
         )
 
 
+class RunDirBusyError(ConfigError, TryAgainLater):
+    """Another job trains in the run directory, or changed its checkpoints while this one started."""
+
+
 def lock_run_dir(run_dir: str) -> IO[str]:
     """Creates ``run_dir`` and takes an exclusive lock on ``run_dir/.lock`` (released when the returned
     file is closed, or its process ends, even by SIGKILL).
 
     Raises:
-        ConfigError: another process holds the lock (a job training in ``run_dir``).
+        RunDirBusyError: another process holds the lock (a job training in ``run_dir``).
     """
     os.makedirs(run_dir, exist_ok=True)
     handle = try_lock(os.path.join(run_dir, RUN_LOCK_FILE))
     if handle is None:
-        raise ConfigError(
+        raise RunDirBusyError(
             f"{run_dir}: another job is training in this train.run_dir (it holds {RUN_LOCK_FILE} there); wait for "
             "it to end (or stop it), or use another train.run_dir"
         )

@@ -110,6 +110,7 @@ from recsys_llm.train.run_records import (
     STARTED_EVENT,
     TRAIN_WINDOW_EVENT,
     VOCABULARIES_KEY,
+    RunDirBusyError,
     check_data_unchanged,
     check_run_dir_is_ours,
     check_run_dir_shared,
@@ -398,13 +399,13 @@ def _lock_as_checked(run_dir: str, checkpoints: CheckpointManager, best: Checkpo
     lock left checkpoints that the checks never saw, and training on would mix them with this job's.
 
     Raises:
-        ConfigError: another job holds the lock, or wrote (or removed) checkpoints since the checks.
+        RunDirBusyError: another job holds the lock, or wrote (or removed) checkpoints since the checks.
     """
     lock = lock_run_dir(run_dir)
     now = resume_point(checkpoints, best, warn=False)  # the first look warned
     if now != checked:
         lock.close()
-        raise ConfigError(
+        raise RunDirBusyError(
             f"{run_dir}: another job changed this train.run_dir's checkpoints while this one was starting (its "
             f"checks saw {checked or 'no checkpoint'}, now it holds {now or 'none'}); run this job again: it then "
             "checks, and resumes from (or refuses), what is there now"
