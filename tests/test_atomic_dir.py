@@ -358,7 +358,7 @@ def test_jobs_that_start_together_generate_the_synthetic_data_once(tmp_path, cap
         job.start()
     for job in jobs:
         job.join()
-    assert capsys.readouterr().out.count("generating 200 rows") == 1
+    assert capsys.readouterr().err.count("generating 200 rows") == 1
     assert os.path.isfile(schema_file) and sorted(os.listdir(tmp_path / "data")) == ["synthetic"]
 
 
