@@ -1003,26 +1003,28 @@ def test_field_vectors_train_a_new_run_on_grown_tables_but_no_resume_of_the_old_
 
 
 def _second_job_in_a_run_dir(schema_dir: str, root: str) -> Dict[str, Any]:
+    from recsys_llm.atomic_dir import TryAgainLater
     from recsys_llm.train.run_records import lock_run_dir
 
     run_dir = os.path.join(root, "run")
     _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=1"])
     first_job = lock_run_dir(run_dir)  # as a job training there holds it
+    error, try_again = None, False
     try:
         _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2"])
-        error = None
     except ConfigError as exc:
         error = str(exc)
+        try_again = isinstance(exc, TryAgainLater)  # the command line exits 75 (EX_TEMPFAIL) for it, not 2
     first_job.close()
     again = _run(schema_dir, run_dir, ["train.epochs=1", "train.max_steps=2"])  # the lock is gone with its job
-    return {"error": error, "steps_after": again["global_step"]}
+    return {"error": error, "try_again": try_again, "steps_after": again["global_step"]}
 
 
 @pytest.mark.multiprocess
 def test_a_second_job_in_a_run_dir_in_use_is_refused(synthetic_dir: str, tmp_path) -> None:
     (out,) = run_multiprocess(_second_job_in_a_run_dir, world_size=1, schema_dir=synthetic_dir, root=str(tmp_path))
     assert out["error"] is not None and "another job is training in this train.run_dir" in out["error"]
-    assert out["steps_after"] == 2
+    assert out["try_again"] and out["steps_after"] == 2
 
 
 def _job_ending_while_another_starts(schema_dir: str, root: str) -> Dict[str, Any]:
