@@ -625,11 +625,12 @@ def verify_digests(path: str) -> None:
         ValueError: a file whose bytes differ from those saved (a damaged checkpoint), on every rank.
     """
     digests_file = os.path.join(path, DIGESTS_FILE)
-    if not os.path.isfile(digests_file):
-        if os.path.lexists(digests_file):  # a directory, FIFO or dangling link: not a checkpoint saved without one
-            raise damaged_checkpoint_error(digests_file, ValueError(f"{file_problem(digests_file)}, expected the file "
-                                                                    "of the checkpoint's digests"))
+    problem = file_problem(digests_file)
+    if problem == "missing":  # a checkpoint saved without digests
         return
+    if problem is not None:  # a directory, FIFO or dangling link: damage, not a checkpoint saved without one
+        raise damaged_checkpoint_error(digests_file, ValueError(f"{problem}, expected the file of the checkpoint's "
+                                                                "digests"))
     try:
         with open(digests_file, encoding="utf-8") as handle:
             recorded = json.load(handle)

@@ -656,20 +656,20 @@ def _record_beside(saved_path: str) -> Dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _movable_beside(saved_path: str) -> List[str]:
-    """The ``MOVABLE_PATH_KEYS`` whose content the ``plugins.json`` beside ``saved_path`` can vouch
-    for (it records their section); none without a readable one (an older run, or a deleted record)."""
-    record = _record_beside(saved_path)
+def _movable_in(record: Mapping[str, Any]) -> List[str]:
+    """The ``MOVABLE_PATH_KEYS`` whose content a run's ``plugins.json`` ``record`` can vouch for (it records their
+    section); none for an empty record (an older run, or a deleted one)."""
     return [key for key, section in MOVABLE_PATH_KEYS.items() if record.get(section)]
 
 
-def _check_config_file_unedited(saved: ExperimentConfig, saved_path: str, movable: List[str]) -> None:
+def _check_config_file_unedited(saved: ExperimentConfig, saved_path: str, record: Mapping[str, Any],
+                                movable: List[str]) -> None:
     """Raises when the run's ``config.yaml`` (``saved``, read from ``saved_path``) holds other settings than the run
-    wrote there, as its ``plugins.json`` records them (``SETTINGS_KEY``): the config a resume is compared with was
-    edited (a learning rate), so the checkpoints' settings would be checked against the edit. Settings a resume may
-    change (``RESUME_FREE_KEYS``) and moved paths (``movable``) may be edited. Runs without the record (before it was
-    kept), or with one this version cannot read, are not checked."""
-    recorded = _record_beside(saved_path).get(SETTINGS_KEY)
+    wrote there, as its ``plugins.json`` ``record`` keeps them (``SETTINGS_KEY``): the config a resume is compared
+    with was edited (a learning rate), so the checkpoints' settings would be checked against the edit. Settings a
+    resume may change (``RESUME_FREE_KEYS``) and moved paths (``movable``) may be edited. Runs without the record
+    (before it was kept), or with one this version cannot read, are not checked."""
+    recorded = record.get(SETTINGS_KEY)
     if not isinstance(recorded, dict):
         return
     try:
@@ -697,8 +697,9 @@ def check_resumable(config: ExperimentConfig, saved_path: str,
             config.yaml changed since the run wrote it (``plugins.json``'s ``SETTINGS_KEY`` record).
     """
     saved = load_config(saved_path)
-    movable = _movable_beside(saved_path)
-    _check_config_file_unedited(saved, saved_path, movable)
+    record = _record_beside(saved_path)  # read once: what may move, and what config.yaml held
+    movable = _movable_in(record)
+    _check_config_file_unedited(saved, saved_path, record, movable)
     differences = config_differences(saved, config, RESUME_FREE_KEYS, movable)
     if differences:
         raise ConfigError(
@@ -765,7 +766,7 @@ def check_same_model(config: ExperimentConfig, saved_path: Optional[str], advice
     if saved_path is None:
         return
     differences = config_differences(load_config(saved_path), config, TRAINING_ONLY_KEYS | set(free),
-                                     _movable_beside(saved_path))
+                                     _movable_in(_record_beside(saved_path)))
     differences = [d for d in differences if d.startswith(MODEL_SECTIONS)]
     if differences:
         raise ConfigError(

@@ -63,12 +63,13 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
     if not fields:
         return {}
     counts: Dict[str, Counter[str]] = {spec.name: collections.Counter() for spec in fields}
+    missing = missing_tokens(config)
     with tqdm(desc="tabular rows (new values)", unit="row", disable=not progress, **bar_options()) as bar:
         for file_path, row, block in read_blocks(data_path, like, [spec.name for spec in fields], config):
             bar.update(block.num_rows)
             for spec in fields:
                 flat, _ = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row,
-                                       missing_tokens(config))
+                                       missing)
                 if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
                     flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary, as token_ids does
                 flat = flat.drop_null()  # a missing value keeps id 0

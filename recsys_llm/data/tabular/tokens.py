@@ -355,13 +355,14 @@ def plan_fields(
     counts: Dict[str, _TokenCounts] = {}
     split_values: List[pa.Array] = []
     split_cells: Set[str] = set()  # sequence fields of which a text cell held the separator
+    missing = missing_tokens(config)
     bar = tqdm(desc="tabular rows (first pass)", unit="row", disable=not progress, **bar_options())
     try:
         for file_path, row, block in read_blocks(path, schema, columns, config, row_key, column_types):
             bar.update(block.num_rows)
             for spec in schema.categorical_fields:
                 flat, lengths = field_tokens(block.column(spec.name), spec, config.sequence_separator, file_path, row,
-                                             missing_tokens(config))
+                                             missing)
                 if lengths is not None and len(lengths) and int(lengths.max()) > 1:
                     split_cells.add(spec.name)
                 if spec.name in hashed:  # read for its UTF-8 check only: the field is hashed whatever its values
