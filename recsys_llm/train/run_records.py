@@ -22,8 +22,8 @@ from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.semantics.vector_export import REUSED_KEY
 from recsys_llm.train.checkpoint import TRAIN_STATE_FILE, run_dir_of
-from recsys_llm.train.config import (PLUGINS_FILE, ConfigError, ExperimentConfig, config_differences, config_from_dict,
-                                     load_config, schema_json_path)
+from recsys_llm.train.config import (PLUGINS_FILE, SETTINGS_KEY, ConfigError, ExperimentConfig, config_differences,
+                                     config_from_dict, load_config, schema_json_path)
 from recsys_llm.train.distributed import host_group
 
 RESULTS_FILE = "results.json"
@@ -112,15 +112,31 @@ def check_same_data(saved_record: Dict[str, Any], current: Dict[str, str], schem
     fingerprints (older ones) are not checked.
 
     Raises:
-        ConfigError: naming the splits that changed.
+        ConfigError: naming the splits that changed, and, where ``data.schema`` now names another directory than
+            the one the run started on (the next day's data, say), both directories and ``train.init_from``.
     """
     changed = changed_splits(saved_record, current)
-    if changed:
+    if not changed:
+        return
+    started_on = ((saved_record.get(SETTINGS_KEY) or {}).get("data") or {}).get("schema")
+    if isinstance(started_on, str) and _data_dir(started_on) != _data_dir(schema.root):
+        # another data directory than the run's own: most likely the next day's rows, meant for a run of their own
         raise ConfigError(
-            f"{source}: the data of split(s) {changed} in {schema.root} changed since this run started (other rows "
-            "under the same fields and sizes, e.g. prepared again); a resume would train on both. Restore the data "
-            "the run started with, or train into another train.run_dir"
+            f"{source}: this run started on {started_on}, and data.schema now names {schema.root}, whose split(s) "
+            f"{changed} hold other rows; a resume would train on both. To train on these rows from this run's "
+            f"weights, start another run from it: train.init_from={os.path.dirname(source) or '.'} "
+            "train.run_dir=NEW_DIR; to resume, name the data the run started with"
         )
+    raise ConfigError(
+        f"{source}: the data of split(s) {changed} in {schema.root} changed since this run started (other rows "
+        "under the same fields and sizes, e.g. prepared again); a resume would train on both. Restore the data "
+        "the run started with, or train into another train.run_dir"
+    )
+
+
+def _data_dir(schema: str) -> str:
+    """The data directory ``data.schema`` (a directory or its schema file) names, as a real path."""
+    return os.path.realpath(os.path.dirname(schema_json_path(schema)))
 
 
 def check_data_unchanged(config: ExperimentConfig, schema: DatasetSchema, started: Dict[str, str]) -> None:

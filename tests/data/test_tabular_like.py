@@ -547,15 +547,36 @@ def test_an_artifact_of_data_without_id_ways_says_where_raw_ids_come_from(tmp_pa
 def test_tied_new_values_take_ids_in_value_order_and_growth_that_fits_warns_nothing(earlier: Dict[str, str],
                                                                                     tmp_path) -> None:
     """Rome is seen before Berlin and as often: the tie goes by value (Berlin first), not by first sight; every new
-    value finds a free id, so no warning."""
+    value finds a free id, and the day holds a known city too, so no warning."""
     rows = dict(GROWING, city=["Rome", "Berlin", "Berlin", "Rome", "Oslo"])
+    rows = {name: values + ["Paris" if name == "city" else values[0]] for name, values in rows.items()}
     out = str(tmp_path / "day2")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], out, grow_vocabulary=True)
     texts = pq.read_table(DatasetSchema.load(out).value_text_path("city"))["text"].to_pylist()
     assert texts[5:] == ["Berlin", "Rome", "Oslo"]
-    assert pq.read_table(os.path.join(out, "test.parquet"))["city"].to_pylist() == [6, 5, 5, 6, 7]
+    assert pq.read_table(os.path.join(out, "test.parquet"))["city"].to_pylist() == [6, 5, 5, 6, 7, texts.index("Paris")]
+
+
+def test_a_day_none_of_whose_values_the_vocabulary_holds_warns_as_it_grows(earlier: Dict[str, str],
+                                                                               tmp_path) -> None:
+    """Cities written as numbers where the earlier data had names: without growth each gets id 0 with a warning;
+    with ``--grow-vocabulary`` each would take a free id for good (a later day prepared like the output keeps them),
+    so the same warning names the field, the file and the earlier data."""
+    rows = dict(GROWING, city=["1", "2", "3", "2", ""])
+    with pytest.warns(UserWarning, match=r"day2\.csv: none of the 4 values of field 'city' is in its vocabulary "
+                                         r"\(.*shop\), so --grow-vocabulary spends the table's free ids on them "
+                                         r"\(for good: .*\); are they written in another form"):
+        prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], str(tmp_path / "day2"),
+                             grow_vocabulary=True)
+    # a day whose cities are all missing spends no id, and so is not warned about
+    rows = dict(GROWING, city=[""] * 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_tabular_like(_csv(tmp_path / "day3.csv", rows), earlier["data"], str(tmp_path / "day3"),
+                             grow_vocabulary=True)
+    assert not [w for w in caught if "none of the" in str(w.message)]
 
 
 def test_growth_counts_a_values_rows_over_every_block_and_the_report_counts_a_reread_once(

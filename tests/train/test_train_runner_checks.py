@@ -17,7 +17,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.train.config import ConfigError, load_config
 from recsys_llm.train.distributed import DistContext
 from recsys_llm.train.run_data import build_readers, check_split_names, metric_subsets
-from recsys_llm.train.run_records import check_trained_on, finished_results
+from recsys_llm.train.run_records import check_same_data, check_trained_on, finished_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPFM_CONFIG = os.path.join(REPO, "configs", "synthetic_deepfm.yaml")
@@ -129,6 +129,24 @@ def test_an_intact_plugins_json_is_still_checked(synthetic_schema, tmp_path) -> 
     saved_config = _run_dir(tmp_path, '{"schema_fingerprint": "other"}')
     with pytest.raises(ConfigError, match="run: trained on data with schema fingerprint other"):
         check_trained_on(synthetic_schema, saved_config, "run")
+
+
+def test_a_resume_on_another_days_data_names_both_directories_and_train_init_from(synthetic_schema,
+                                                                                     tmp_path) -> None:
+    """Day 2's data given to day 1's run directory by mistake: the refusal said the data "in" day 2's directory
+    "changed since this run started" (it started on day 1's) and named no way to train day 2 from day 1's run."""
+    plugins = str(tmp_path / "runs" / "day1" / "plugins.json")
+    record = {"settings": {"data": {"schema": str(tmp_path / "day1")}}, "data_fingerprints": {"train": "a+b"}}
+    with pytest.raises(ConfigError, match=rf"^{plugins}: this run started on {tmp_path / 'day1'}, and data.schema now "
+                                          rf"names {synthetic_schema.root}, whose split\(s\) \['train'\] hold other "
+                                          rf"rows; a resume would train on both\. .*train\.init_from="
+                                          rf"{tmp_path / 'runs' / 'day1'} train\.run_dir=NEW_DIR"):
+        check_same_data(record, {"train": "c+d"}, synthetic_schema, plugins)
+    # the run's own directory prepared again: said as before
+    record["settings"]["data"]["schema"] = os.path.join(synthetic_schema.root, "schema.json")
+    with pytest.raises(ConfigError, match=r"the data of split\(s\) \['train'\] in .* changed since this run started"):
+        check_same_data(record, {"train": "c+d"}, synthetic_schema, plugins)
+    check_same_data(record, {"train": "a+b"}, synthetic_schema, plugins)  # the same rows, wherever they are
 
 
 def test_a_damaged_results_json_is_named(tmp_path) -> None:

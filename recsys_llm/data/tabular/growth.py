@@ -27,11 +27,15 @@ from recsys_llm.progress import bar_options
 @dataclasses.dataclass(frozen=True)
 class Growth:
     """What :func:`grow_vocabularies` did to one field: ``added`` new values took ids ``first_id`` ..
-    ``first_id + added - 1``; ``left_out`` more found no free id (they get id 0)."""
+    ``first_id + added - 1``; ``left_out`` more found no free id (they get id 0). ``read`` values (tokens of a
+    sequence) were read besides the missing ones, ``lacking`` of them not in the earlier vocabulary: every one
+    (``lacking == read``) is a sign of values written in another form than the earlier data's."""
 
     added: int
     first_id: int
     left_out: int
+    read: int = 0
+    lacking: int = 0
 
     def describe(self) -> str:
         """The prepare report's words, e.g. ``3 new values, ids 41-43`` (the values left out are counted with the
@@ -63,6 +67,7 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
     if not fields:
         return {}
     counts: Dict[str, Counter[str]] = {spec.name: collections.Counter() for spec in fields}
+    read: Counter[str] = collections.Counter()
     missing = missing_tokens(config)
     with tqdm(desc="tabular rows (new values)", unit="row", disable=not progress, **bar_options()) as bar:
         for file_path, row, block in read_blocks(data_path, like, [spec.name for spec in fields], config):
@@ -73,6 +78,7 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
                 if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
                     flat = pc.cast(flat, pa.string())  # integer ids mapped through a vocabulary, as token_ids does
                 flat = flat.drop_null()  # a missing value keeps id 0
+                read[spec.name] += len(flat)
                 lacking = pc.invert(pc.is_in(flat, value_set=plans[spec.name].vocabulary))
                 for entry in pc.value_counts(flat.filter(lacking)).to_pylist():
                     counts[spec.name][entry["values"]] += entry["counts"]
@@ -84,6 +90,7 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
         new: List[str] = [value for value, _ in sorted(counts[spec.name].items(), key=lambda kv: (-kv[1], kv[0]))]
         free = max(spec.cardinality - 1 - len(plan.vocabulary), 0)  # id 0 is the unknown value's
         grown[spec.name] = Growth(added=min(free, len(new)), first_id=len(plan.vocabulary) + 1,
-                                  left_out=max(len(new) - free, 0))
+                                  left_out=max(len(new) - free, 0), read=read[spec.name],
+                                  lacking=sum(counts[spec.name].values()))
         plan.vocabulary = pa.concat_arrays([plan.vocabulary, pa.array(new[:free], plan.vocabulary.type)])
     return grown

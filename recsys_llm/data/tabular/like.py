@@ -128,6 +128,11 @@ def prepare_tabular_like(
                         "in the file; expected each column once (rename or drop the copies)")
     growth = grow_vocabularies(data_path, like, plans, config, progress) if grow_vocabulary else {}
     for name, grown in growth.items():
+        if grown.lacking == grown.read:  # the grown ids would be spent on them, for good (later days keep them)
+            warnings.warn(f"{data_path}: none of the {grown.read:,} values of field {name!r} is in its vocabulary "
+                          f"({like_dir}), so --grow-vocabulary spends the table's free ids on them (for good: later "
+                          "days prepared --like the output keep them); are they written in another form than the "
+                          "earlier data's (numbers where it had names, another spelling)?", stacklevel=2)
         if grown.left_out:
             warnings.warn(f"{data_path}: field {name!r} met {grown.added + grown.left_out} values its vocabulary "
                           f"({like_dir}) lacks, {grown.left_out} more than its table has free ids (cardinality "
