@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -161,13 +162,25 @@ def try_lock(path: str, wait: bool = False) -> Optional[IO[str]]:
     """The file ``path`` (created) opened with an exclusive flock(2) lock on it, held until the
     handle is closed or its process ends (even by SIGKILL); None when another process holds it
     (``wait``: once the other process lets it go)."""
-    handle = open(path, "a", encoding="utf-8")
+    try:
+        handle = open(path, "a", encoding="utf-8")
+    except PermissionError:
+        if not os.path.isfile(path):
+            raise
+        # another user's lock file (a killed job's, or a run's ``.lock``, made under a umask that gave others no
+        # write): flock(2) takes an exclusive lock on a file opened for reading too
+        handle = open(path, encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
     except OSError as error:
+        if error.errno == errno.EBADF and "r" in handle.mode:
+            # an NFS client emulates flock(2) with byte-range locks, which need the file open for writing
+            handle.close()
+            raise PermissionError(errno.EACCES, "another user's lock file, which this user can neither write nor "
+                                  "lock here; its owner (or an administrator) may delete it once no job runs", path)
         if error.errno not in UNLOCKABLE_ERRNOS:
             handle.close()
             raise
@@ -215,8 +228,12 @@ def file_locked(path: str, refusal: str, wait: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        os.remove(path)  # while still locked: a job that opened it meanwhile locks it and tries again
-        handle.close()
+        try:
+            os.remove(path)  # while still locked: a job that opened it meanwhile locks it and tries again
+        except PermissionError:
+            pass  # another user's file in a sticky directory: left, no lock once closed (the next job locks it)
+        finally:
+            handle.close()
 
 
 def remove_directory(path: str, owner: Optional[str] = None) -> None:
@@ -356,7 +373,8 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
     Raises:
         FileExistsError: ``directory`` holds other files, which replacing it would delete, or is
             (or lies under) a file.
-        PermissionError: the directory it is swapped in from cannot be written (:func:`check_writable`).
+        PermissionError: the directory it is swapped in from cannot be written (:func:`check_writable`), or
+            the earlier ``kind`` cannot be deleted (a directory of it this user cannot write in).
     """
     if not os.path.isdir(directory):
         if os.path.exists(directory):
@@ -372,6 +390,14 @@ def check_replaceable(directory: str, kind: str, marker_files: Sequence[str]) ->
             f"{kind} there would replace its {len(entries)} entries ({', '.join(sorted(entries)[:5])}"
             f"{', ...' if len(entries) > 5 else ''}); choose another output directory"
         )
+    for root, _, _ in os.walk(directory) if entries else ():
+        # the swap renames the earlier copy aside, then deletes it: another user's copy (made under umask 022 in a
+        # group-shared directory) would be replaced, and the command fail after its work, leaving it there hidden
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"{directory}: an earlier {kind} that this user cannot replace: deleting it needs writing in {root} "
+                "(another user's output?); ask its owner to remove it, or choose another output directory"
+            )
 
 
 def check_own_entries(directory: str, kind: str, is_own: Callable[[str], bool], own_files: str) -> None:
@@ -426,14 +452,24 @@ def current_umask() -> int:
 
 def _readable_by_umask(tmp: str) -> None:
     """``mkdtemp`` makes a 0700 directory: give it (and what is in it) the permissions of a
-    directory created with ``os.makedirs``, so other users may read the result as usual."""
+    directory created with ``os.makedirs``, so other users may read the result as usual. A directory's
+    set-group-ID bit (inherited from a group-shared parent, as ``os.makedirs`` would have it) is kept: files
+    written there later go on taking the directory's group."""
     umask = current_umask()
-    os.chmod(tmp, 0o777 & ~umask)
+    _chmod_keeping_setgid(tmp, 0o777 & ~umask)
     for root, dirs, files in os.walk(tmp):
         for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
             path = os.path.join(root, name)
             if not os.path.islink(path):  # chmod would change a link's target
-                os.chmod(path, mode & ~umask)
+                _chmod_keeping_setgid(path, mode & ~umask)
+
+
+def _chmod_keeping_setgid(path: str, mode: int) -> None:
+    """``os.chmod(path, mode)``, keeping the set-group-ID bit of a directory that has it (a plain chmod clears it)."""
+    current = os.lstat(path).st_mode
+    if stat.S_ISDIR(current):
+        mode |= current & stat.S_ISGID
+    os.chmod(path, mode)
 
 
 @contextlib.contextmanager

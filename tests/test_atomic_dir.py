@@ -1,5 +1,7 @@
+import builtins
 import os
 import shutil
+import stat
 
 import pytest
 
@@ -51,6 +53,58 @@ def test_the_result_has_the_usual_permissions(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_group_shared_directory_s_setgid_bit_is_kept(tmp_path):
+    """In a group-shared parent (set-group-ID, as `chmod g+s` makes it) `os.makedirs` makes directories that keep the
+    bit; the swapped-in output's chmod to the umask's permissions cleared it, so files written there later (by
+    another member of the group) took their writer's primary group."""
+    os.chmod(tmp_path, 0o2775)
+    umask = os.umask(0o002)
+    try:
+        with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)) as tmp:
+            os.makedirs(os.path.join(tmp, "sub"))
+            fd = os.open(os.path.join(tmp, "a.txt"), os.O_CREAT | os.O_WRONLY, 0o600)  # as mkstemp would
+            os.close(fd)
+    finally:
+        os.umask(umask)
+    os.makedirs(tmp_path / "plain")
+    if not (tmp_path / "plain").stat().st_mode & stat.S_ISGID:
+        pytest.skip("this file system does not pass the set-group-ID bit on to new directories")
+    assert (tmp_path / "out").stat().st_mode & 0o7777 == 0o2775
+    assert (tmp_path / "out" / "sub").stat().st_mode & 0o7777 == 0o2775
+    assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o7777 == 0o664
+
+
+def test_another_users_lock_file_this_user_cannot_write_is_locked_read_only(tmp_path, monkeypatch):
+    """A lock file left by another user under umask 022 (a run's `.lock`, or a killed export's `.<name>.lock`) made
+    every resume, export and tune of a group member fail with '[Errno 13] Permission denied: ...lock'. flock(2)
+    locks a file opened for reading too; a lock held through it still refuses a second writer. Root opens any file,
+    so the refusal to open it for appending is stood in for."""
+    from recsys_llm import atomic_dir
+
+
+    lock = tmp_path / ".out.lock"
+    lock.write_text("")
+    lock.chmod(0o644)
+
+    def no_append(path, mode="r", *args, **kwargs):
+        if str(path) == str(lock) and "a" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_dir, "open", no_append, raising=False)
+    held = atomic_dir.try_lock(str(lock))
+    assert held is not None
+    assert atomic_dir.try_lock(str(lock)) is None  # held: a second writer is refused
+    held.close()
+    with atomic_directory(str(tmp_path / "out"), "export", ["config.json"]) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            handle.write("{}")
+    assert (tmp_path / "out" / "config.json").is_file()
+    missing = tmp_path / "missing" / ".lock"
+    with pytest.raises(FileNotFoundError):  # no lock file to fall back on: the error is the open's own
+        atomic_dir.try_lock(str(missing))
 
 
 def test_a_users_dot_old_copy_of_the_output_is_left_alone(tmp_path):
@@ -362,6 +416,23 @@ def test_jobs_that_start_together_generate_the_synthetic_data_once(tmp_path, cap
     assert os.path.isfile(schema_file) and sorted(os.listdir(tmp_path / "data")) == ["synthetic"]
 
 
+def test_synthetic_data_that_cannot_be_generated_where_it_is_missing_is_refused_naming_why(tmp_path, monkeypatch):
+    """A data.schema missing on a read-only data mount failed with '[Errno 13] Permission denied:
+    .../.synthetic.generating.lock', which says neither that the data is missing nor what would be written. Root
+    writes anywhere but on a read-only mount, so the directory's refusal is stood in for."""
+    from recsys_llm.train.run_data import _generate_once
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    schema_file = str(locked / "synthetic" / "schema.json")
+    with pytest.raises(PermissionError, match=f"^{schema_file} not found, and the embedded synthetic data .* cannot "
+                                              f"be generated there: .*{locked} is not writable here"):
+        _generate_once(schema_file, 200, 0)
+    assert os.listdir(locked) == []
+
+
 def test_a_file_written_through_a_symlink_is_written_where_it_points(tmp_path):
     """`semantics encode --output current.safetensors` (a link to v3.safetensors) replaced the link with a file and
     left v3 with its old vectors; a directory output is written through its link (test above)."""
@@ -419,6 +490,29 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, mo
     os.symlink(locked / "earlier", tmp_path / "free" / "to_locked")
     with pytest.raises(PermissionError, match=f"cannot be written: {locked} is not writable here"):
         check_replaceable(str(tmp_path / "free" / "to_locked"), "export", ["config.json"])
+
+
+def test_an_earlier_output_this_user_cannot_delete_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`export --output shared/student` over another user's export (umask 022) in a group-writable directory swapped
+    the new one in, then failed deleting the old copy ('[Errno 13] Permission denied: INFERENCE.md'), exiting 1
+    after its work and leaving a hidden `.student.removing-*` directory. Root deletes anything, so the directory's
+    refusal is stood in for."""
+    from recsys_llm.atomic_dir import check_replaceable
+
+    earlier = tmp_path / "student"
+    (earlier / "sub").mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    access = os.access
+    for locked in (earlier, earlier / "sub"):
+        monkeypatch.setattr(os, "access", lambda path, mode, locked=locked: str(path) != str(locked)
+                            and access(path, mode))
+        with pytest.raises(PermissionError, match=f"^{earlier}: an earlier export that this user cannot replace: "
+                                                  f"deleting it needs writing in {locked} "):
+            with atomic_directory(str(earlier), "export", ["config.json"]):
+                pytest.fail("the block ran")
+        assert sorted(os.listdir(tmp_path)) == ["student"] and (earlier / "config.json").read_text() == "{}"
+    monkeypatch.setattr(os, "access", access)
+    check_replaceable(str(earlier), "export", ["config.json"])  # deletable: passes
 
 
 def test_a_link_to_an_output_not_made_yet_is_checked_where_it_points(tmp_path, monkeypatch):

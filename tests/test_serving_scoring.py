@@ -81,6 +81,22 @@ def test_an_existing_output_is_refused_before_anything_is_read_and_left_as_it_wa
         score_split(served, schema, "test", output=str(tmp_path / "no_such_dir" / "s.parquet"), progress=False)
 
 
+def test_an_output_in_a_directory_this_user_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    """`score --output ro/scores.parquet` (a run directory of another user) loaded the artifact and the data, then
+    failed on its temp file with pyarrow's 'Failed to open local file ...tmp'. Root writes anywhere but on a read-only
+    mount, so the directory's refusal is stood in for."""
+    from recsys_llm.serving.scoring import check_scores_output
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    output = locked / "scores.parquet"
+    with pytest.raises(PermissionError, match=f"^{output}: cannot be written: {locked} is not writable here"):
+        check_scores_output(str(output))
+    check_scores_output(str(tmp_path / "scores.parquet"))  # writable: passes
+
+
 def test_a_batch_the_artifact_refuses_leaves_no_scores_file(exported: Dict[str, str], tmp_path) -> None:
     """Data of a grown item table (an id beyond the artifact's rows, in the split's last row group) is refused
     by the artifact naming the feature; the rows scored before it are not left behind as a partial file."""

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from recsys_llm.atomic_dir import check_writable
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.parquet_files import first_file_columns
 from recsys_llm.data.parquet_writer import SplitWriter, numpy_dtype
@@ -60,7 +61,8 @@ def score_columns(schema: DatasetSchema, with_row_key: bool, with_label: bool = 
 
 def check_scores_output(output: str) -> None:
     """Raises FileExistsError for an ``output`` that exists (scores are never written over), and
-    FileNotFoundError for one whose directory does not. Under a process group (collective) rank 0, which writes
+    FileNotFoundError for one whose directory does not, PermissionError for one whose directory this user cannot
+    write in (:func:`~recsys_llm.atomic_dir.check_writable`). Under a process group (collective) rank 0, which writes
     the file, checks, and every rank raises: the others a RuntimeError that says so. An empty ``output``
     (``--output ''``) is a ValueError on every rank: it names no file, and the scores would be dropped."""
     if not output:
@@ -76,6 +78,7 @@ def check_scores_output(output: str) -> None:
         parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
+        check_writable(output)  # its temp file goes there: refused now, not once the artifact and data are loaded
 
     run_on_every_rank(check_on_rank_0, "the --output check")
 

@@ -79,12 +79,17 @@ def missing_schema_hint(config: ExperimentConfig) -> str:
 def _generate_once(schema_file: str, rows: int, seed: int) -> None:
     """Generates the synthetic data of ``schema_file``'s directory unless another job (that started at the
     same time, e.g. an experiment's runs side by side) made it while this one waited for it."""
-    from recsys_llm.atomic_dir import file_locked
+    from recsys_llm.atomic_dir import check_writable, file_locked
     from recsys_llm.data.parquet_writer import write_prepared
     from recsys_llm.data.synthetic import generate_synthetic
 
     directory = os.path.dirname(os.path.abspath(schema_file))
     parent, name = os.path.split(directory)
+    try:  # a mistyped data.schema on a read-only data mount: say so, not "Permission denied: .<name>.generating.lock"
+        check_writable(directory)
+    except PermissionError as error:
+        raise PermissionError(f"{schema_file} not found, and the embedded synthetic data (data.synthetic_rows) "
+                              f"cannot be generated there: {error}") from None
     os.makedirs(parent, exist_ok=True)
     lock = os.path.join(parent, f".{name}.generating.lock")
     if os.path.exists(lock):  # maybe another job's, generating now (or a killed one's: no lock then, no wait)
