@@ -355,10 +355,12 @@ def _check_resume(
     check_trained_on(schema, saved_config, run_dir)
     check_resumable_position(read_train_state(latest), ctx, config.train, train_reader, config.data.shuffle)
     check_same_table_state_layout(os.path.join(run_dir, PLAN_FILE), plan, config.optim.sparse)
-    for saves in (checkpoints.directory, best.directory):  # found at the first save otherwise, after training
-        if os.path.isdir(saves) and not os.access(saves, os.W_OK | os.X_OK):
-            raise PermissionError(f"{saves}: not writable here (permissions, or a read-only mount), so the resumed "
-                                  "run would fail at its first checkpoint: make it writable, or use another "
+    # found at the first record or save otherwise, once the model is built or after training (another user's run,
+    # its directories made group-writable but its files written under umask 022)
+    for written in (run_dir, os.path.join(run_dir, METRICS_FILE), checkpoints.directory, best.directory):
+        if os.path.exists(written) and not os.access(written, os.W_OK | (os.X_OK if os.path.isdir(written) else 0)):
+            raise PermissionError(f"{written}: not writable here (permissions, or a read-only mount), so the resumed "
+                                  "run would fail when it first writes there: make it writable, or use another "
                                   "train.run_dir")
     saved_plugins = os.path.join(run_dir, PLUGINS_FILE)
     if os.path.isfile(saved_plugins):

@@ -477,16 +477,16 @@ def test_a_resume_under_a_plan_that_splits_columns_otherwise_is_refused_before_l
     assert refusal.startswith(str(tmp_path / "run" / "sharding_plan.json"))
 
 
-def _resume_into_unwritable_checkpoints(schema_dir: str, run_dir: str) -> str:
-    """Trains 2 steps, then resumes with ``checkpoints/`` refused to this user (root writes anywhere but on a
+def _resume_into_unwritable(schema_dir: str, run_dir: str, refused: str) -> str:
+    """Trains 2 steps, then resumes with ``run_dir/refused`` refused to this user (root writes anywhere but on a
     read-only mount, so the refusal is stood in for); returns the error."""
     from recsys_llm.train.runner import run_training
 
     overrides = [f"train.run_dir={run_dir}", "train.epochs=1", "train.progress=false", "data.validate=false"]
     run_training(_config(schema_dir, *overrides, "train.max_steps=2"))
-    saves = os.path.join(run_dir, "checkpoints")
+    refused = os.path.join(run_dir, refused)
     access = os.access
-    os.access = lambda path, mode: os.path.abspath(path) != os.path.abspath(saves) and access(path, mode)
+    os.access = lambda path, mode: os.path.abspath(path) != os.path.abspath(refused) and access(path, mode)
     try:
         run_training(_config(schema_dir, *overrides, "train.max_steps=4"))
     except PermissionError as error:
@@ -497,14 +497,18 @@ def _resume_into_unwritable_checkpoints(schema_dir: str, run_dir: str) -> str:
 
 
 @pytest.mark.multiprocess
-def test_a_resume_into_checkpoints_it_cannot_write_is_refused_before_training(synthetic_dir: str, tmp_path) -> None:
-    """It trained until its first save, then failed on 'checkpoints/ckpt-00000027.tmp: Permission denied'."""
+@pytest.mark.parametrize("refused", ["checkpoints", "metrics.jsonl"])
+def test_a_resume_into_files_it_cannot_write_is_refused_before_training(synthetic_dir: str, tmp_path,
+                                                                        refused: str) -> None:
+    """It trained until its first save, then failed on 'checkpoints/ckpt-00000027.tmp: Permission denied'; another
+    user's run (directories made group-writable, files written under umask 022) built the model and loaded the
+    checkpoint, then failed appending to metrics.jsonl."""
     from tests.multiprocess import run_multiprocess
 
-    refusal, = run_multiprocess(_resume_into_unwritable_checkpoints, world_size=1, schema_dir=synthetic_dir,
-                                run_dir=str(tmp_path / "run"))
-    assert refusal.startswith(f"{tmp_path / 'run' / 'checkpoints'}: not writable here (permissions, or a read-only "
-                              "mount), so the resumed run would fail at its first checkpoint"), refusal
+    refusal, = run_multiprocess(_resume_into_unwritable, world_size=1, schema_dir=synthetic_dir,
+                                run_dir=str(tmp_path / "run"), refused=refused)
+    assert refusal.startswith(f"{tmp_path / 'run' / refused}: not writable here (permissions, or a read-only "
+                              "mount), so the resumed run would fail when it first writes there"), refusal
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8")
     assert metrics.count('"event": "resumed"') == 0  # refused before the run's records changed
 
