@@ -9,7 +9,8 @@
     tables.json           its EmbeddingBagCollection tables (name, rows, dim, features, pooling,
                           data type: as trained, or INT8 / INT4 with ``--table-dtype int8 | int4``)
     dense_program.pt2     torch.export program of everything after the EBC lookup:
-                          (dense (B, Dd), pooled (B, F * D)) -> logits (B,)
+                          (dense (B, Dd), pooled (B, sum of table dims)[, entity vectors
+                          (B, K * d) of a gain network's entity tables]) -> logits (B,)
     config.json           format version, export id, SHA-256 of the files above and of its own other keys,
                           library versions (torch, torchrec, fbgemm_gpu, recsys_llm and its commit), feature names,
                           id rules, whether the tables pool per-id weights (``weighted``: an

@@ -547,7 +547,8 @@ def export_task(
             another dense width than the backbone's, sparse features lacking a feature the tables read, of
             another batch size than the dense ones or without per-id weights for weighted tables (with them
             for unweighted ones), teacher / LLM parts, a ``table_dtype`` other than ``"trained"`` / ``"int8"`` /
-            ``"int4"``, or a table whose dim that dtype cannot take (INT4: a multiple of 4; INT8: even;
+            ``"int4"``, a ``mixed_precision`` other than ``"fp32"`` / ``"bf16"``, or a table whose dim that dtype
+            cannot take (INT4: a multiple of 4; INT8: even;
             :func:`~recsys_llm.serving.quantized_tables.check_quantizable`), all before anything is written.
         FileExistsError: ``directory`` may not take an export (:func:`check_export_output`), or
             ``torch.export`` could not capture the dense part and ``directory`` holds an earlier export

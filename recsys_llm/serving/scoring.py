@@ -184,9 +184,13 @@ def score_split(
         ``cold/...`` when the data marks cold items), and ``output``.
 
     Raises:
-        ValueError: rows of ``schema`` that do not fit the artifact (:func:`check_artifact_fits`), or a batch
-            the artifact refuses (``ServedModel.logits``).
+        ValueError: an empty ``output``, rows of ``schema`` that do not fit the artifact
+            (:func:`check_artifact_fits`), a row key column named as a scores column, a ``cold_item_column``
+            (not the default) the schema lacks, or a batch the artifact refuses (``ServedModel.logits``).
         FileExistsError: ``output`` exists (checked before anything is read).
+        FileNotFoundError: ``output``'s directory does not exist (checked likewise).
+        PermissionError: this user cannot write in ``output``'s directory (checked likewise).
+        RuntimeError: on the other ranks, when rank 0's ``output`` check or another rank's scoring failed.
     """
     grouped = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)

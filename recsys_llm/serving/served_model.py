@@ -519,7 +519,8 @@ class ServedModel(nn.Module):
         fbgemm_gpu version (``config.json``: ``versions``).
 
         Raises:
-            FileNotFoundError: ``directory`` is no directory.
+            FileNotFoundError: no such ``directory``.
+            NotADirectoryError: ``directory`` is a file.
             PermissionError: ``trust_program`` is False.
             ValueError: another format version, a ``--state-only`` export, a training run or checkpoint
                 directory (export it first), no program was exported, or the artifact is damaged or incomplete.

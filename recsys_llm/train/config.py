@@ -201,7 +201,8 @@ class TrainConfig:
             arithmetic is many times slower; a DCNv2 step went from 9 to 20 ms.
         metrics_window (int): windowed training metrics (torchrec's AUC, NE and calibration of the last this
             many training samples over all ranks, :mod:`recsys_llm.train.train_metrics`) on the progress bar and
-            in ``metrics.jsonl``; at least ``data.batch_size`` x ranks (0: none).
+            in ``metrics.jsonl``; at least ``data.batch_size`` x ranks, twice that with ``elec.distill.swap_fields``
+            (a training batch then holds twice the rows) (0: none).
         metrics_every (int): compute them every this many steps (>= 1; a collective, the only host sync they add).
         pipelined_eval (Literal["auto", True, False]): validation, test and ``evaluate`` through torchrec's
             ``EvalPipelineSparseDist`` (the next batch's copy to the device and sparse all-to-all overlap the

@@ -233,9 +233,9 @@ def run_training(config: ExperimentConfig, on_step: Optional[StepHook] = None) -
         on_step (Optional[StepHook]): called after every optimizer step with the train state.
 
     Returns:
-        Dict[str, Any]: ``{"valid": best validation metrics, "test": test metrics (with
-        ``cold/*``), "best_step", "global_step", "epochs", "samples_per_second", "world_size",
-        "stopped_early", "run_dir"}``.
+        Dict[str, Any]: ``{"valid": {"auc": best validation AUC, None without one}, "test": test metrics (with
+        ``cold/*``; only with a test split), "best_step", "global_step", "epochs", "samples_per_second",
+        "mixed_precision", "world_size", "stopped_early", "run_dir"}``.
 
     It starts a process group when the process has none (ended by ``teardown_distributed``; a run that fails ends
     it, and leaves one that was there before it as it was), seeds the global random generators with

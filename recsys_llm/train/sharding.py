@@ -276,7 +276,13 @@ def shard_model(
         Tuple[DistributedModelParallel, ShardingPlan]: the sharded model and its plan.
 
     Raises:
-        RuntimeError: no default process group (``recsys_llm.train.distributed.init_distributed``).
+        ValueError: no EBC, tables filled before sharding, dense buffers on ``meta``, a
+            ``sharding.compute_device`` other than ``device``'s, sharding types / kernels / ``optim.sparse``
+            the CPU kernels lack, constraints nothing can run (:func:`_check_plannable`), a plan file refused,
+            a planner refusal (no room, or no plan meets the constraints), a CUDA shard wider than
+            ``FBGEMM_CUDA_MAX_DIM``, or (one rank) dense tensors on another device.
+        RuntimeError: no default process group (``recsys_llm.train.distributed.init_distributed``), a frozen
+            table planned on a non-fused kernel, or parameters left on ``meta`` after sharding.
     """
     if not find_tables(task):
         raise ValueError("shard_model: the model has no EmbeddingBagCollection to shard")

@@ -270,7 +270,8 @@ def write_teacher_outputs(
         progress (bool): tqdm per file.
 
     Returns:
-        Dict[str, Any]: ``{"schema": path, "representation_dim": H, "files": [...]}``.
+        Dict[str, Any]: ``{"schema": path, "representation_dim": H, "files": [...]}``; ``representation_dim``
+        on rank 0 only (it reads the written copy).
     """
     elec = config.elec or {}
     if elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "offline":

@@ -68,8 +68,8 @@ def load_trained_model(config: ExperimentConfig, run: TrainedRun) -> nn.Module:
     (its ranks, or a file since moved): the tables are planned afresh.
 
     Raises:
-        ConfigError: LLaCTR vectors other than the run trained with (see
-            :func:`~recsys_llm.train.run_records.check_same_field_vectors`).
+        ConfigError: LLaCTR vectors, or ELEC per-row vectors attached to the train split, other than the run
+            trained with (:func:`~recsys_llm.train.run_records.check_trained_with_these_vectors`).
     """
     built = build_task(config, run.schema, run.ctx.device)
     check_trained_with_these_vectors(run.checkpoint, built.plugins)  # a moved vector file, not other vectors
