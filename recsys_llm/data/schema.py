@@ -354,13 +354,16 @@ class DatasetSchema:
             records[name] = {"ids": table.num_rows, "digest": _vocabulary_digest(table, table.num_rows)}
         return records
 
-    def changed_vocabularies(self, recorded: Mapping[str, Any]) -> List[str]:
+    def changed_vocabularies(self, recorded: Mapping[str, Any],
+                             trained_on: Optional["DatasetSchema"] = None) -> List[str]:
         """The fields of ``recorded`` (:meth:`vocabulary_records` of the data a model trained on) whose recorded ids
         mean other values in this schema's vocabularies, or that hold fewer ids, or whose ids this schema records
         another way (``integer``: the same source prepared without ``--vocabulary``); and, where ``recorded`` holds
         some vocabulary, this schema's vocabulary fields it lacks (their ids were another way's: ``--vocabulary``
         now, not then). A vocabulary that grew (``prepare tabular --like --grow-vocabulary``) keeps its earlier ids
-        and passes; a record that is no such mapping is left unchecked."""
+        and passes; a record that is no such mapping is left unchecked. A vocabulary of fewer ids (an earlier day's
+        data, the model's grew since) passes where ``trained_on`` (the model's training data, or its artifact's
+        ``ids/``) holds the recorded vocabulary and begins with this one."""
         ours = set(self._vocabulary_fields())
         changed = sorted(ours - set(recorded)) if recorded else []
         for name, record in sorted(recorded.items()):
@@ -372,7 +375,10 @@ class DatasetSchema:
                 continue
             table = self.load_value_text(name).sort_by("id")
             count = record["ids"]
-            if table.num_rows < count or _vocabulary_digest(table, count) != record.get("digest"):
+            if table.num_rows < count:
+                if not _begins_recorded_vocabulary(table, name, record, trained_on):
+                    changed.append(name)
+            elif _vocabulary_digest(table, count) != record.get("digest"):
                 changed.append(name)
         return sorted(changed)
 
@@ -403,8 +409,9 @@ class DatasetSchema:
                    and name in self._vocabulary_fields() and self.load_value_text(name).num_rows < record["ids"]]
         if self.ids and shorter:
             return (f"the vocabulary of {shorter} here holds fewer ids than the model's, which grew since "
-                    "(--grow-vocabulary): data prepared --like an earlier day's data, whose ids cannot be checked "
-                    "against the model's; prepare it --like the model's own training data instead")
+                    "(--grow-vocabulary): data prepared --like an earlier day's data, whose ids can be checked "
+                    "against the model's only where its training data (or its artifact's ids/) is at hand and "
+                    "begins with them; prepare it --like the model's own training data instead")
         if self.ids:
             return "data of the same source prepared afresh, not --like the training data"
         return "data generated or converted again otherwise: another seed, other rows or another source file"
@@ -679,6 +686,17 @@ def schema_beside(split_path: str) -> Optional[DatasetSchema]:
 
 VOCABULARY_DIGEST_ROWS = 1 << 16  # value-text rows made Python objects at a time by _vocabulary_digest: all at once
 # held about 230 bytes a value (2.3 GB for a vocabulary of 10^7) beside the table's own Arrow bytes
+
+
+def _begins_recorded_vocabulary(table: pa.Table, name: str, record: Mapping[str, Any],
+                                trained_on: Optional[DatasetSchema]) -> bool:
+    """Whether ``table`` (a value-text table sorted by id, fewer rows than ``record`` counts) holds the first ids of
+    field ``name``'s vocabulary that ``record`` describes, as ``trained_on`` holds it (checked against ``record``)."""
+    if trained_on is None or name not in trained_on._vocabulary_fields():
+        return False
+    full = trained_on.load_value_text(name).sort_by("id")
+    return (full.num_rows >= record["ids"] and _vocabulary_digest(full, record["ids"]) == record.get("digest")
+            and _vocabulary_digest(full, table.num_rows) == _vocabulary_digest(table, table.num_rows))
 
 
 def _vocabulary_digest(table: pa.Table, count: int) -> str:

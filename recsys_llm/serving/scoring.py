@@ -111,7 +111,7 @@ def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
     if resized:
         raise ValueError(f"{where}: the artifact's tables do not have the sizes of the data's fields "
                          f"({'; '.join(resized)}), so its ids would read other rows; {hint}")
-    other = schema.changed_vocabularies(served.vocabularies)
+    other = schema.changed_vocabularies(served.vocabularies, served.raw_id_ways)
     if other:
         cause = schema.other_ids_cause(served.vocabularies)
         raise ValueError(f"{where}: the vocabulary of field(s) {other} is not the one the artifact's model was trained "

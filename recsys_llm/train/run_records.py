@@ -741,6 +741,9 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
         )
     recorded = record.get(VOCABULARIES_KEY)
     other = schema.changed_vocabularies(recorded) if isinstance(recorded, dict) else []
+    reference = _training_data(saved_config) if other else None
+    if reference is not None:  # an earlier day's shorter vocabularies may be checked against it
+        other = schema.changed_vocabularies(recorded, reference)
     if other:
         trained_dir = os.path.dirname(schema_json_path(load_config(saved_config).data.schema))
         raise ConfigError(
@@ -748,6 +751,15 @@ def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: s
             f"the same values would read other rows of its tables ({schema.other_ids_cause(recorded)}); "
             f"{schema.same_ids_advice(trained_dir)}"
         )
+
+
+def _training_data(saved_config: Optional[str]) -> Optional[DatasetSchema]:
+    """The data the run of ``saved_config`` trained on, where its ``data.schema`` still names a readable schema file;
+    None otherwise (moved, deleted or damaged: the checks it would serve refuse as without it)."""
+    try:
+        return DatasetSchema.load(schema_json_path(load_config(saved_config).data.schema))
+    except (OSError, ValueError):  # ConfigError and SchemaError are ValueErrors
+        return None
 
 
 def trained_vocabularies(saved_config: Optional[str]) -> Dict[str, Any]:

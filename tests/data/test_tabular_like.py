@@ -437,6 +437,49 @@ def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mea
         check_artifact_fits(served, fresh)
 
 
+def test_an_earlier_days_data_passes_a_grown_model_whose_training_data_begins_with_its_vocabularies(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """Yesterday's holdout scored by today's model (its vocabularies grew since) was refused, its shorter vocabularies
+    "cannot be checked": the artifact's ``ids/`` and the run's training data hold the grown vocabularies, whose first
+    ids the earlier data's must be. Data prepared afresh, of fewer values, stays refused, as does the earlier data
+    where the run's training data is no longer there."""
+    old = DatasetSchema.load(earlier["data"])
+    grown_dir = str(tmp_path / "day2")
+    prepare_tabular_like(_csv(tmp_path / "day2.csv", dict(GROWING, clicked=[0, 1, 1, 0, 1])), earlier["data"],
+                         grown_dir, split_name="train", grow_vocabulary=True)
+    grown = DatasetSchema.load(grown_dir)
+    recorded = grown.vocabulary_records()
+    assert old.changed_vocabularies(recorded) == ["cats", "city"]  # nothing to check it against
+    assert old.changed_vocabularies(recorded, grown) == []
+    assert old.changed_vocabularies(recorded, old) == ["cats", "city"]  # a reference without the recorded ids
+    fresh_dir = str(tmp_path / "fresh")
+    prepare_tabular(_csv(tmp_path / "fresh.csv", dict(_old_rows(n=60, seed=2), city=["Rome"] * 60,
+                                                      cats=["caps"] * 60)), earlier["schema"], fresh_dir)
+    fresh = DatasetSchema.load(fresh_dir)
+    assert fresh.vocabulary_records()["city"]["ids"] < recorded["city"]["ids"]
+    assert fresh.changed_vocabularies(recorded, grown) == ["cats", "city"]
+
+    artifact = str(tmp_path / "artifact")
+    export_small_deepfm(grown, artifact, batch_size=5, steps=1)
+    served = ServedModel.load(artifact, trust_program=True)
+    check_artifact_fits(served, old)
+    with pytest.raises(ValueError, match=r"fresh/schema\.json: the vocabulary of field\(s\) \['cats', 'city'\] is "
+                                         r"not the one the artifact's model was trained on"):
+        check_artifact_fits(served, fresh)
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved_config = str(run_dir / "config.yaml")
+    save_config(load_config(DEEPFM_CONFIG, [f"data.schema={grown_dir}"]), saved_config)
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({SCHEMA_FINGERPRINT_KEY: grown.fingerprint(),
+                                                    VOCABULARIES_KEY: recorded}))
+    check_trained_on(old, saved_config, "evaluate --checkpoint runs/day2")
+    shutil.rmtree(grown_dir)
+    with pytest.raises(ConfigError, match=r"the vocabulary of field\(s\) \['cats', 'city'\] in .* holds fewer ids "
+                                          r"than the model's"):
+        check_trained_on(old, saved_config, "evaluate --checkpoint runs/day2")
+
+
 def test_the_artifact_turns_raw_values_into_the_ids_its_model_was_trained_on(earlier: Dict[str, str],
                                                                              tmp_path) -> None:
     """An export of ``prepare tabular`` data holds its id ways (``ids/``): raw values get the prepared data's ids
