@@ -35,8 +35,8 @@ EPILOG = """workflows:
 COMMAND_MODULES = (
     "recsys_llm.cli.data",  # prepare
     "recsys_llm.cli.train",  # train, evaluate, demo
-    "recsys_llm.cli.semantics",  # semantics tune | encode | export
-    "recsys_llm.cli.export",  # export (serving artifact of a student)
+    "recsys_llm.cli.semantics",  # semantics tune | encode (and adapt | export: recsys_llm.cli.semantics_export)
+    "recsys_llm.cli.export",  # export (serving artifact of a student), teacher-outputs
     "recsys_llm.cli.score",  # score (a split through an exported artifact)
 )
 

@@ -1,4 +1,4 @@
-"""``recsys-llm semantics tune | encode [| export]``: field-level LLM work of LLaCTR.
+"""``recsys-llm semantics tune | encode [| adapt | export]``: field-level LLM work of LLaCTR.
 
 * ``tune``: SSFT (LoRA + InfoNCE field retrieval) on the schema's fields and values;
   writes ``<output-dir>/adapter``, ``checkpoint`` (resumable) and ``metrics.json``.
@@ -8,7 +8,7 @@
 Other engineers add sub-commands to the ``semantics`` group through a module
 ``recsys_llm/cli/semantics_export.py`` exposing ``register(group_subparsers)``:
 :func:`register` here creates the group and then calls it when the module exists
-(ELEC's ``semantics export``). Each sub-command sets ``func(args) -> int``.
+(ELEC's ``semantics adapt`` and ``semantics export``). Each sub-command sets ``func(args) -> int``.
 
 Example::
 

@@ -3,7 +3,8 @@
 Two levels, both cheap:
 
 * **metadata** (:func:`check_file_schema`): run once per file on the Parquet footer:
-  missing columns, wrong Arrow types, a split without rows (its files may be empty), and a schema/data mismatch when the
+  missing columns, wrong Arrow types (a split without rows, :func:`check_split_has_rows`; its files may be
+  empty), and a schema/data mismatch when the
   file was written for a different schema (``prepare`` stores the field specs it wrote
   with in the file's key-value metadata under :data:`FIELDS_METADATA_KEY`).
 * **values** (``check_*`` on numpy arrays): run per row group on the arrays the reader
@@ -14,8 +15,9 @@ Two levels, both cheap:
 Every error is a :class:`DataError` whose message names the file, the column/field and
 what was expected, e.g.::
 
-    DataError: /data/train.parquet: column 'item_id' (sparse field): id 2000 at row 17
-    is >= cardinality 1683; expected ids in [0, 1683) (set "hashed": true to fold them)
+    DataError: /data/train.parquet: column 'item_id', row 17: id 2000 in sparse field 'item_id'
+    is >= cardinality 1683; expected ids in [0, 1683) (set "hashed": true in the schema to fold
+    larger ids with a modulo)
 """
 
 import json

@@ -165,7 +165,7 @@ ENCODE_OUTPUTS = ("representation", "pooled")
 
 
 class CTRAdaptedLLM(nn.Module):
-    """LLM + average pooling + transformation MLP + prediction layer.
+    """LLM + pooling (``config.pooling``; ``mean`` is the paper's average) + transformation MLP + prediction layer.
 
     Args:
         llm (nn.Module): a Hugging Face base model returning ``last_hidden_state``.

@@ -67,17 +67,18 @@ def adapt_checkpoint_dir(output_dir: str) -> str:
     """Where ``semantics adapt`` keeps the checkpoint of a tuning into ``output_dir``: beside it,
     ``<output_dir>.checkpoint``.
 
-    Not inside: the output directory is written whole at the end (:func:`save_ctr_llm`, a swap that
-    replaces every entry of an earlier output) and only an earlier saved CTR-adapted LLM may be
-    replaced, so a checkpoint in it would be deleted by that swap, and would make a first run's
-    directory look like something else when it is killed.
+    Not inside: the output directory is written whole at the end
+    (:func:`~recsys_llm.semantics.ctr_llm_store.save_ctr_llm`, a swap that replaces every entry of an
+    earlier output) and only an earlier saved CTR-adapted LLM may be replaced, so a checkpoint in it
+    would be deleted by that swap, and would make a first run's directory look like something else
+    when it is killed.
     """
     return os.path.normpath(output_dir) + CHECKPOINT_SUFFIX
 
 
 @dataclasses.dataclass
 class TuneCheckpoint:
-    """Where and how often :func:`tune_ctr_llm` saves what it needs to go on exactly.
+    """Where and how often :func:`~recsys_llm.semantics.ctr_llm.tune_ctr_llm` saves what it needs to go on exactly.
 
     Args:
         directory (str): the checkpoint directory (``semantics adapt``: :func:`adapt_checkpoint_dir`),
@@ -86,8 +87,9 @@ class TuneCheckpoint:
             epoch's end; 0: at epoch ends only.
         resume (bool): go on from a checkpoint in ``directory``; off: start over (the first save replaces it).
         settings (Dict[str, Any]): more settings a resumed tuning must share with the checkpoint, besides
-            :class:`CTRLLMConfig` (less ``epochs``), the base model and the tuning rows: e.g. the schema,
-            split and row-text settings that made the texts, and ``sample_rows`` when the caller sampled.
+            :class:`~recsys_llm.semantics.ctr_llm.CTRLLMConfig` (less ``epochs``), the base model and the
+            tuning rows: e.g. the schema, split and row-text settings that made the texts, and ``sample_rows``
+            when the caller sampled.
 
     Example::
 

@@ -170,6 +170,13 @@ class TextEncoder:
         cut at its end whatever the tokenizer's ``truncation_side`` was (it is set to ``right``).
 
         Args:
+            model (nn.Module): the loaded model (a peft wrapper, or a base model; an encoder-decoder's encoder is
+                taken).
+            tokenizer (PreTrainedTokenizerBase): its tokenizer; given a pad token (eos or unk) when it has none.
+            pooling (str): as :class:`TextEncoder`'s (``auto`` resolved from the model's config, not a
+                sentence-transformers directory).
+            batch_size (int): texts per forward pass.
+            max_length (int): tokens per text (capped at the model's positions).
             model_id (Optional[str]): name recorded in provenance; defaults to the config's
                 ``name_or_path``.
             model_hash (Optional[str]): fingerprint for caches/provenance; None -> hash of

@@ -26,7 +26,8 @@ def reused_from_record(directory: str) -> str:
     reuse the same vectors (its finished chunks hold them).
 
     Raises:
-        ValueError: ``directory`` holds no finished export (naming it), or a row export.
+        FileNotFoundError: ``directory`` holds no export manifest (naming it).
+        ValueError: an unfinished or damaged export, or a row export.
     """
     try:
         manifest = read_manifest(directory)

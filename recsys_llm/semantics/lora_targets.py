@@ -84,7 +84,7 @@ def with_lora(
     """``peft.get_peft_model`` with LoRA (rank ``r``, ``alpha``, ``dropout``) on ``targets``.
 
     Args:
-        model (nn.Module): the base model (its parameters keep their ``requires_grad``).
+        model (nn.Module): the base model (peft freezes its parameters: only the LoRA weights train).
         model_path (str): where it was loaded from, for the messages.
         targets (Optional[Sequence[str]]): module names; None: :func:`default_target_modules`.
 

@@ -158,13 +158,25 @@ def load_tuned_encoder(
     """Loads base model + SSFT adapter (merged) as a :class:`TextEncoder`.
 
     Args:
+        adapter_dir (str): the SSFT adapter directory (``<tune output-dir>/adapter``).
+        batch_size (int): texts per forward pass.
+        device (Optional[str]): e.g. ``cuda:0``; None -> CUDA if available.
+        dtype (str): the base weights' dtype, ``auto`` or a dtype name
+            (:func:`~recsys_llm.semantics.model_loading.resolve_dtype`).
+        trust_remote_code (bool): run the base model directory's own code if its config asks for it.
         base_model_path (Optional[str]): the base model's directory; None -> the one ``ssft.json`` names.
             Another directory (the model moved, or copied to another machine) is used when it holds the
             files the adapter was tuned on (their hash).
 
     Returns:
         Tuple[TextEncoder, Dict[str, Any]]: the encoder (pooling and max length as tuned;
-        model hash = base hash + adapter hash) and the adapter's ``ssft.json``.
+        model hash = base hash + adapter hash + a hash of the adapter files as they are now) and the
+        adapter's ``ssft.json``.
+
+    Raises:
+        FileNotFoundError: no ``ssft.json``, adapter config or weights, or the recorded base model is gone.
+        ValueError: a damaged adapter file, a base model with other files than the adapter was tuned on, or
+            other code than it ran (``trust_remote_code``).
     """
     from peft import PeftModel
 

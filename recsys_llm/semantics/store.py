@@ -272,6 +272,7 @@ def load_vectors(
         StoredVectors: vectors (N, d) float32, keys, provenance.
 
     Raises:
+        FileNotFoundError: nothing at ``path``.
         VectorProvenanceError: naming the file and the first item that does not match, or
             the first key whose vector holds NaN/inf; or ``path`` is a directory.
     """
@@ -378,6 +379,7 @@ def cached_encode(
         texts (Sequence[str]): N texts.
         template_id (str): the template (or its hash) the texts were made with.
         cache_dir (Optional[str]): None disables the cache.
+        progress (bool): passed to ``encoder.encode``; also reports a cache hit on stderr.
 
     Returns:
         torch.Tensor: (N, d) float32.
@@ -386,7 +388,8 @@ def cached_encode(
         TypeError: ``texts`` is a single string, or one of them is not a string
             (:func:`~recsys_llm.semantics.encoder.text_list`).
         NotADirectoryError: ``cache_dir`` is a file (:func:`check_cache_dir`).
-        ValueError: the encoder gave NaN / inf vectors (nothing is cached).
+        ValueError: with a ``cache_dir``, the encoder gave NaN / inf vectors (nothing is cached);
+            without one the vectors are returned unchecked.
     """
     texts = text_list(texts)
     if cache_dir is None:

@@ -113,9 +113,9 @@ class PromptTemplates:
         instruction (str): SSFT instruction, used as it is (no placeholders).
         input (str): SSFT input; placeholders ``{value}`` (required), ``{fields}`` (comma-joined names).
         prompt (str): wrapper; placeholders ``{instruction}``, ``{input}`` (required).
+        number_format (str): format of dense values, e.g. ``"{:.4g}"``.
 
     Unknown placeholders are refused here, when the templates are made (ValueError).
-        number_format (str): format of dense values, e.g. ``"{:.4g}"``.
     """
 
     field: str = "{name}: {description}"

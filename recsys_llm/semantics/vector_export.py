@@ -2,8 +2,9 @@
 
 Layout of an export directory::
 
-    _manifest.json         provenance, chunk size, number of rows/chunks, a hash of the keys in order, dim, dtype,
-                           and texts_check "chunk": each chunk records a hash of its texts ("_" first: pyarrow,
+    _manifest.json         provenance (with dtype, and the encoder's dim), chunk size, number of rows/chunks,
+                           key and vector column names, a hash of the keys in order, and texts_check "chunk":
+                           each chunk records a hash of its texts ("_" first: pyarrow,
                            pandas, Spark and Dask read the directory as one table of the chunks; an export
                            written before 2026-12-06 has manifest.json, read and resumed under that name)
     chunk-00000.parquet    columns: key (int64), vector (fixed_size_list<float32|float16, d>)
@@ -583,6 +584,7 @@ class VectorExport:
             List[int]: the chunks written by this call.
 
         Raises:
+            FileExistsError: the directory holds an entry an export does not write (:func:`check_export_dir`).
             ValueError: there is no key, a key is null or repeats, ``rank`` is not below
                 ``world_size``, or the directory holds an export this run cannot resume (other
                 settings or rows, before any work; or a chunk of this rank encoded from other texts

@@ -56,8 +56,9 @@ def grow_vocabularies(data_path: str, like: DatasetSchema, plans: Dict[str, Fiel
     Args:
         data_path (str): the new rows (CSV, Parquet file or directory), read as ``prepare tabular --like`` reads them.
         like (DatasetSchema): the earlier output's schema.
-        plans (Dict[str, FieldPlan]): each categorical field's plan (:func:`~recsys_llm.data.tabular.raw_values.
-            prepared_plan`); the ``vocab`` ones grow.
+        plans (Dict[str, FieldPlan]): each categorical field's plan
+            (:func:`~recsys_llm.data.tabular.raw_values.prepared_plan`); the ``vocab`` ones grow.
+        config (TabularConfig): how the rows are read (CSV options, ``sequence_separator``, ``missing_tokens``).
         progress (bool): a tqdm bar over the rows read.
 
     Returns:

@@ -78,6 +78,7 @@ def prepare_tabular_like(
         ``data_path`` holds; without the label column in ``data_path`` its split has none (rows to score).
 
     Raises:
+        TypeError: ``grow_vocabulary`` is not a bool (``"false"`` would count as True).
         ValueError: ``like_dir``'s schema records no ``ids`` (another source's data, or an older output), an
             option the earlier preparation decided. SchemaError: a ``split_name`` that is no plain name.
         DataError: rows that do not fit the earlier schema (a missing field column, an integer id outside its
