@@ -53,7 +53,7 @@ class DeepFM(PairWeightFolding, CTRBackbone):
                  + w_h^\top h + b_h, \qquad
         h = \mathrm{MLP}([e_1; \dots; e_{F+E}; x])
 
-    The FM part is :class:`FM` (per-field linear vectors instead of dim-1 tables; dense
+    The FM part is :class:`~recsys_llm.models.fm.FM` (per-field linear vectors instead of dim-1 tables; dense
     features linear and, with ``dense_as_fields``, as fields). The MLP reads the
     concatenated F + E field embeddings and the raw dense features.
     Representation: the last MLP hidden ``h`` (B, H).

@@ -89,8 +89,9 @@ def raw_request(
     Args:
         served (ServedModel): an artifact of data prepared by ``prepare tabular`` (its ``ids/``).
         columns (Mapping[str, Sequence[object]]): field name -> one raw value per row, for every feature of
-            ``served.feature_names`` (as :meth:`ServedModel.raw_value_ids` takes them: strings, the source's own
-            numbers, None for a missing value; a sequence as a list or one string joined by ``sequence_separator``)
+            ``served.feature_names`` (as :meth:`~recsys_llm.serving.served_model.ServedModel.raw_value_ids` takes
+            them: strings, the source's own numbers, None for a missing value; a sequence as a list or one string
+            joined by ``sequence_separator``)
             and every dense field of ``served.dense_feature_names`` (real numbers); other keys are ignored.
         sequence_separator (str): separator of a sequence's tokens in one string.
 

@@ -10,8 +10,8 @@ from torchrec.distributed.types import ShardingPlan
 
 def plan_line(plan: ShardingPlan, world_size: int, where: str, comms: str = "") -> str:
     """One line on ``plan``: its tables by sharding type, the ranks, the weights in shards (replicated
-    tables have none), ``comms`` (how the embeddings travel, where not float32: :func:`~recsys_llm.train.qcomms.
-    comms_text`), and ``where`` the plan is kept."""
+    tables have none), ``comms`` (how the embeddings travel, where not float32:
+    :func:`~recsys_llm.train.qcomms.comms_text`), and ``where`` the plan is kept."""
     placements = table_placements(plan)
     types = collections.Counter(placement["sharding_type"] for placement in placements.values())
     sharded = sum(shard["sizes"][0] * shard["sizes"][1] for placement in placements.values()
