@@ -10,7 +10,7 @@ part in the feature interactions exactly like EBC fields.
 
 import abc
 import contextlib
-from typing import ContextManager, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import ContextManager, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -522,11 +522,30 @@ def key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device:
     return cached
 
 
+def check_distinct_keys(keys: Sequence[str], feature_names: Sequence[str]) -> None:
+    """Raises ValueError naming the ``feature_names`` that ``keys`` hold more than once.
+
+    A KeyedTensor may repeat a key (``KeyedTensor.from_tensor_list`` of the outputs of two EBCs
+    that both embed ``user_id``); a field read by name would then silently be one of them (the
+    last, as ``to_dict`` keeps it).
+    """
+    if len(set(keys)) == len(keys):
+        return
+    repeated = [name for name in dict.fromkeys(feature_names) if list(keys).count(name) > 1]
+    if repeated:
+        raise ValueError(
+            f"the pooled embeddings hold keys {repeated} more than once (their keys are {list(keys)}), so which "
+            "embedding is the field's is ambiguous: give every pooled embedding a key of its own (e.g. when "
+            "joining the outputs of several EmbeddingBagCollections with KeyedTensor.from_tensor_list)"
+        )
+
+
 def _key_positions(keys: Tuple[str, ...], feature_names: Tuple[str, ...], device: torch.device) -> torch.Tensor:
     position = {key: i for i, key in enumerate(keys)}
     missing = [name for name in feature_names if name not in position]
     if missing:
         raise KeyError(f"the pooled embeddings have no keys {missing}; their keys are {list(keys)}")
+    check_distinct_keys(keys, feature_names)
     return torch.tensor([position[name] for name in feature_names], dtype=torch.long, device=device)
 
 
@@ -569,6 +588,14 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
             f"{type(embeddings).__name__} of keys {list(embeddings)[:8]}: pass the KeyedTensor itself, not its "
             "to_dict() (its keys and widths are read from it)"
         )
+    if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2:  # KeyedTensor.regroup's output, kt.values()
+        raise TypeError(
+            f"expected the pooled embeddings as a KeyedTensor (ebc(kjt), or CTROutput.embeddings), whose keys name "
+            f"the fields; got a tensor of shape {tuple(embeddings.shape)} without them (KeyedTensor.regroup and "
+            "KeyedTensor.values() give the fields side by side, unnamed): pass the KeyedTensor, or name the columns "
+            "with KeyedTensor(keys=[...], length_per_key=[...], values=tensor) (KeyedTensor.from_tensor_list joins "
+            "the outputs of several EmbeddingBagCollections)"
+        )
     if isinstance(embeddings, torch.Tensor):  # else: 'Tensor' object has no attribute 'length_per_key'
         raise TypeError(
             f"expected the pooled embeddings as a KeyedTensor (ebc(kjt), or CTROutput.embeddings), whose keys name "
@@ -586,6 +613,8 @@ def fields_in_key_order(embeddings: KeyedTensor, feature_names: List[str]) -> Tu
     missing = [name for name in feature_names if name not in dims]
     if missing:
         raise KeyError(f"the pooled embeddings have no keys {missing}; their keys are {list(dims)}")
+    if len(dims) < len(embeddings.keys()):
+        check_distinct_keys(embeddings.keys(), feature_names)
     wanted = {name: dims[name] for name in feature_names}
     if len(set(wanted.values())) > 1:
         raise ValueError(f"fields {feature_names} must share one embedding dim to be paired or compared, got {wanted}")

@@ -37,6 +37,16 @@ class TestFieldsInKeyOrder:
         with pytest.raises(KeyError, match=r"no keys \['z'\]; their keys are \['a', 'b'\]"):
             fields_in_key_order(_keyed(["a", "b"], [4, 4]), ["a", "z"])
 
+    @pytest.mark.parametrize("dims", [[4, 4, 4], [4, 2, 4]])
+    def test_a_repeated_key_of_a_named_field_names_it(self, dims) -> None:
+        """Two EBCs' outputs joined by KeyedTensor.from_tensor_list may both hold a key: a field read by name would
+        silently be the last of them (to_dict keeps it); it is refused, naming the key, in either layout."""
+        kt = _keyed(["a", "b", "a"], dims)
+        with pytest.raises(ValueError, match=r"hold keys \['a'\] more than once \(their keys are \['a', 'b', 'a'\]\)"):
+            fields_in_key_order(kt, ["b", "a"])
+        fields, positions = fields_in_key_order(kt, ["b"])  # a key repeated but not read is no ambiguity
+        torch.testing.assert_close(fields[:, positions] if dims[0] == dims[1] else fields, stack_fields(kt, ["b"]))
+
     def test_positions_made_while_exporting_are_not_reused(self) -> None:
         class Picker(torch.nn.Module):
             def forward(self, values: torch.Tensor) -> torch.Tensor:

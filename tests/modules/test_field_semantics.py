@@ -226,6 +226,25 @@ def test_the_unnamed_fields_of_dlrms_sparse_arch_are_named() -> None:
     assert fre.loss(output.embeddings).dim() == 0 and fie.logit(output.embeddings).shape == (4,)
 
 
+def test_the_unnamed_columns_of_a_regrouped_keyed_tensor_are_named() -> None:
+    """KeyedTensor.regroup gives (B, sum of dims) tensors: the error named torchrec DLRM's sparse_arch, not the
+    KeyedTensor that names the columns."""
+    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
+
+    pooled = make_ebc()(make_kjt())
+    regrouped = KeyedTensor.regroup([pooled], [["genre", "user_id", "item_id"]])[0]  # (4, 24)
+    fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8)
+    fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES)
+    for call in (fre.loss, fie.logit):
+        with pytest.raises(TypeError, match=r"got a tensor of shape \(4, 24\) without them \(KeyedTensor\.regroup .* "
+                                            r"KeyedTensor\(keys=\[\.\.\.\], length_per_key=\[\.\.\.\], "
+                                            r"values=tensor\)"):
+            call(regrouped)
+    named = KeyedTensor(keys=["genre", "user_id", "item_id"], length_per_key=[8, 8, 8], values=regrouped)
+    torch.testing.assert_close(fie.logit(named), fie.logit(pooled))
+    torch.testing.assert_close(fre.loss(named), fre.loss(pooled))
+
+
 @pytest.mark.parametrize("field_reduction", ["sum", "mean"])
 def test_fre_on_an_empty_batch_is_zero_with_zero_gradients(field_reduction) -> None:
     """A rank's empty batch (a sum-reduced loss over the global batch) gave 0 / 0: a NaN loss, and NaN
