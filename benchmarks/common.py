@@ -77,7 +77,9 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         record(main)()
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 130, as the recsys-llm commands end, not a traceback
-        if os.environ.get("RECSYS_LLM_TRACEBACK", "0") not in ("", "0"):
+        from recsys_llm.cli import traceback_asked
+
+        if traceback_asked():  # read as the commands read it (``false`` is off)
             raise
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()  # the line starts a line of its own, not after a bar's carriage return

@@ -21,7 +21,26 @@ MININTERVAL_ENV = "TQDM_MININTERVAL"
 MAXINTERVAL_ENV = "TQDM_MAXINTERVAL"
 LINES_ENV = "RECSYS_LLM_PROGRESS_LINES"
 DEFAULTS = {"mininterval": 0.1, "maxinterval": 10.0}  # tqdm's own
+# the values an on/off variable of the project (RECSYS_LLM_PROGRESS_LINES, RECSYS_LLM_TRACEBACK) takes
+FLAG_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
+               "1": True, "true": True, "yes": True, "on": True}
 _CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's moves between nested bars' lines
+
+
+def env_flag(name: str) -> bool:
+    """The on/off environment variable ``name``: unset, empty, ``0``, ``false``, ``no`` or ``off`` is off; ``1``,
+    ``true``, ``yes`` or ``on`` is on (any case).
+
+    Raises:
+        ValueError: another value (``RECSYS_LLM_TRACEBACK=full``), named with the values taken: read as off, it
+            left a log's bars redrawn in place, and read as on, it changed a command's exit codes.
+    """
+    raw = os.environ.get(name, "")
+    try:
+        return FLAG_VALUES[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected 1 (or true, yes, on) or 0 (or false, no, "
+                         "off), or unset it") from None
 
 
 class ProgressLines:
@@ -41,10 +60,11 @@ class ProgressLines:
 def bar_options() -> Dict[str, Any]:
     """``mininterval`` and ``maxinterval`` (seconds) for ``tqdm(...)``: ``$TQDM_MININTERVAL`` and
     ``$TQDM_MAXINTERVAL`` where set, else tqdm's defaults (0.1 and 10); and ``file``, a :class:`ProgressLines`,
-    where ``$RECSYS_LLM_PROGRESS_LINES`` is 1.
+    where ``$RECSYS_LLM_PROGRESS_LINES`` is on (:func:`env_flag`).
 
     Raises:
-        ValueError: a variable that is not a number, named with its value.
+        ValueError: a variable that is not a number, or a ``$RECSYS_LLM_PROGRESS_LINES`` that is no on/off value,
+            named with its value.
     """
     options: Dict[str, Any] = dict(DEFAULTS)
     for key, variable in (("mininterval", MININTERVAL_ENV), ("maxinterval", MAXINTERVAL_ENV)):
@@ -55,6 +75,6 @@ def bar_options() -> Dict[str, Any]:
             except ValueError:
                 raise ValueError(f"{variable} is {value!r}; expected seconds between progress bar updates, "
                                  "a number such as 30") from None
-    if os.environ.get(LINES_ENV) == "1":
+    if env_flag(LINES_ENV):
         options["file"] = ProgressLines()
     return options

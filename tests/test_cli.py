@@ -13,7 +13,7 @@ from typing import List, Sequence
 import pytest
 from safetensors import SafetensorError
 
-from recsys_llm.cli import PROGRESS_INTERVAL_ENV, main
+from recsys_llm.cli import PROGRESS_INTERVAL_ENV, main, traceback_asked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1101,6 +1101,31 @@ def test_a_tqdm_variable_that_is_no_number_is_one_line_naming_it(tmp_path) -> No
     assert done.stderr.startswith("recsys-llm: error: tqdm cannot read its environment variables "
                                   "(TQDM_MININTERVAL='soon')"), done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, value", [("RECSYS_LLM_TRACEBACK", "full"), ("RECSYS_LLM_PROGRESS_LINES", "maybe")])
+def test_an_on_off_variable_of_neither_value_is_one_line_naming_it(monkeypatch, capsys, tmp_path, name, value) -> None:
+    """Any RECSYS_LLM_TRACEBACK but "" and "0" turned tracebacks on (``=false`` too), and with them exit code 1 for
+    bad input, where a wrapper reads 2 and 75; a RECSYS_LLM_PROGRESS_LINES but "1" was read as off without a word,
+    leaving a log's bars redrawn in place on one line."""
+    monkeypatch.setenv(name, value)
+    assert main(["prepare", "synthetic", "--out", str(tmp_path / "out"), "--rows", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"recsys-llm: error: environment variable {name}={value!r}: expected 1 (or true, yes, on) "
+                          "or 0 (or false, no, off)"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, on", [("false", False), ("No", False), ("0", False), ("", False), ("1", True),
+                                       ("true", True), ("ON", True)])
+def test_on_off_variables_read_the_usual_words(monkeypatch, value, on) -> None:
+    from recsys_llm.progress import bar_options
+
+    monkeypatch.setenv("RECSYS_LLM_TRACEBACK", value)
+    monkeypatch.setenv("RECSYS_LLM_PROGRESS_LINES", value)
+    assert traceback_asked() is on
+    assert ("file" in bar_options()) is on
 
 
 @pytest.mark.parametrize("name, value", [("LOCAL_WORLD_SIZE", "abc"), ("LOCAL_RANK", "x"), ("LOCAL_WORLD_SIZE", "0")])

@@ -67,3 +67,27 @@ def test_an_output_name_too_long_for_the_files_beside_it_is_one_line(tmp_path, c
     assert err.startswith("recsys-llm prepare tabular: error: [Errno 36] File name too long")
     assert "choose a shorter name than" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["clicks.csv", "shop.yaml"]
+
+
+def test_an_argument_a_latin1_locale_read_as_other_characters_is_refused(tmp_path, monkeypatch, capsys) -> None:
+    """Under LC_ALL=en_US.ISO-8859-1 a UTF-8 --out 'Zürich' was read as 'ZÃ¼rich': the command made that name
+    through the operating system (as the typed bytes) while pyarrow wrote it as UTF-8, another name, and the run
+    ended after its first pass with exit code 2 and "Failed to open local file ... No such file or directory"."""
+    import argparse
+
+    from recsys_llm import cli
+
+    monkeypatch.setattr(cli.sys, "getfilesystemencoding", lambda: "iso8859-1")
+    misread = "Zürich".encode("utf-8").decode("latin-1")  # 'ZÃ¼rich'
+    assert cli._undecodable_argument(argparse.Namespace(out="data/" + misread, overrides=[])) == "data/Zürich"
+    # text that is no UTF-8 in the locale's bytes is the locale's own (a Latin-1 name typed under a Latin-1 locale)
+    assert cli._undecodable_argument(argparse.Namespace(out="data/Zürich", overrides=[])) is None
+    assert cli._undecodable_argument(argparse.Namespace(out="data/plain", overrides=[])) is None
+    csv, schema = _inputs(tmp_path)
+    out = str(tmp_path / "data") + "/" + misread
+    assert main(["prepare", "tabular", "--input", csv, "--schema", schema, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "holds bytes the locale's encoding (iso8859-1)" in err and "/Zürich'" in err and "PYTHONUTF8=1" in err
+    assert not (tmp_path / "data").exists()
+    monkeypatch.setattr(cli.sys, "getfilesystemencoding", lambda: "utf-8")  # a UTF-8 locale takes any text
+    assert cli._undecodable_argument(argparse.Namespace(out="data/" + misread, overrides=[])) is None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple, Union
 
 from recsys_llm.atomic_dir import TryAgainLater
 from recsys_llm.error_text import one_line
-from recsys_llm.progress import LINES_ENV, MAXINTERVAL_ENV, MININTERVAL_ENV
+from recsys_llm.progress import LINES_ENV, MAXINTERVAL_ENV, MININTERVAL_ENV, env_flag
 
 DESCRIPTION = "LLM knowledge for sharded TorchRec CTR models (LLaCTR, ELEC), without an LLM at serving time."
 EPILOG = """workflows:
@@ -162,7 +162,7 @@ def project_warning_format(command: str, fallback: Any) -> Any:
     ``RECSYS_LLM_TRACEBACK=1`` the file and line are kept."""
 
     def formatwarning(message: Any, category: Any, filename: str, lineno: int, line: Optional[str] = None) -> str:
-        if not _traceback_asked() and os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+        if not traceback_asked() and os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
             return f"recsys-llm {command}: warning: {without_command(message, command)}\n"
         return fallback(message, category, filename, lineno, line)
 
@@ -328,9 +328,25 @@ def _peer_failure_line(error: BaseException) -> Optional[str]:
     return f"a collective gave up waiting for another rank, {cause}: {one_line(error)[:300]}"
 
 
-def _traceback_asked() -> bool:
-    """Whether ``$RECSYS_LLM_TRACEBACK`` asks for the traceback instead of the one-line error."""
-    return os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+def traceback_asked() -> bool:
+    """Whether ``$RECSYS_LLM_TRACEBACK`` asks for the traceback instead of the one-line error (:func:`env_flag`: a
+    value that is no on/off value, which :func:`main` refuses, asks for none)."""
+    try:
+        return env_flag(TRACEBACK_ENV)
+    except ValueError:
+        return False
+
+
+def _flag_environment_error() -> Optional[str]:
+    """The line for an on/off variable of the project set to neither (``RECSYS_LLM_TRACEBACK=false`` turned the
+    tracebacks on, and with them exit code 1 for bad input; ``RECSYS_LLM_PROGRESS_LINES=yes`` was read as off,
+    leaving a log's bars redrawn in place), else None."""
+    for name in (TRACEBACK_ENV, LINES_ENV):
+        try:
+            env_flag(name)
+        except ValueError as error:
+            return str(error)
+    return None
 
 
 def _close_progress_bars() -> None:
@@ -471,6 +487,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.update(added)
     restore_streams = _printable_streams()
     try:
+        flag_error = _flag_environment_error()
+        if flag_error is not None:
+            return _error_exit("", flag_error)
         tqdm_error = _tqdm_environment_error(set_here=added)
         if tqdm_error is not None:  # before the parser: the sub-commands' modules import tqdm
             return _error_exit("", tqdm_error)
@@ -560,7 +579,8 @@ def expand_home(args: argparse.Namespace) -> None:
 
 def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
     """The first option value or override that holds UTF-8 bytes the locale's encoding could not decode (Python
-    kept them as lone surrogates, ``'\\udcc3'``, which no UTF-8 library call takes), as its text; else None.
+    kept them as lone surrogates, ``'\\udcc3'``, which no UTF-8 library call takes) or decoded as other characters
+    (a Latin-1 locale's ``'Ã©'`` for ``'é'``), as its text; else None.
     Bytes that are not UTF-8 at all (a name in Latin-1) are left to the command, as under a UTF-8 locale: the
     files such a name reaches through the operating system work (an old run's directory), and a UTF-8 locale
     would not help them."""
@@ -569,6 +589,7 @@ def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
             return [value]
         return [text for item in value for text in values(item)] if isinstance(value, (list, tuple)) else []
 
+    encoding = sys.getfilesystemencoding()
     for value in vars(args).values():
         for text in values(value):
             if any("\udc80" <= char <= "\udcff" for char in text):
@@ -576,6 +597,15 @@ def _undecodable_argument(args: argparse.Namespace) -> Optional[str]:
                     return text.encode("utf-8", "surrogateescape").decode("utf-8")
                 except UnicodeDecodeError:  # not UTF-8 bytes
                     continue
+            elif codecs.lookup(encoding).name != "utf-8" and not text.isascii():
+                # a Latin-1 locale decodes UTF-8 bytes into other characters ("é" as "Ã©"), which pyarrow, writing
+                # a path as UTF-8, reached as a name the command had not made ("Failed to open local file")
+                try:
+                    decoded = text.encode(encoding, "surrogateescape").decode("utf-8")
+                except (UnicodeError, ValueError):  # bytes that are no UTF-8: the locale's own text
+                    continue
+                if decoded != text:
+                    return decoded
     return None
 
 
@@ -612,7 +642,7 @@ def _tqdm_environment_error(set_here: Dict[str, str]) -> Optional[str]:
     try:
         importlib.import_module("tqdm")
     except (ValueError, TypeError) as error:
-        if _traceback_asked():
+        if traceback_asked():
             raise
         names = ", ".join(f"{name}={os.environ[name]!r}" for name in sorted(os.environ)
                           if name.startswith("TQDM_") and name not in set_here)
@@ -637,20 +667,20 @@ def _run_command(argv: Optional[List[str]]) -> int:
     undecodable = _undecodable_argument(args)
     if undecodable is not None:  # pyarrow, safetensors and the JSON files take UTF-8 text: refused before any work
         return _error_exit(command, f"argument {undecodable!r} holds bytes the locale's encoding "
-                                    f"({sys.getfilesystemencoding()}) cannot decode (a non-ASCII path or value under "
-                                    "LC_ALL=C or POSIX without Python's UTF-8 mode); run under a UTF-8 locale "
-                                    "(LC_ALL=C.UTF-8) or with PYTHONUTF8=1")
+                                    f"({sys.getfilesystemencoding()}) cannot decode as the UTF-8 they are (a non-ASCII "
+                                    "path or value under LC_ALL=C, POSIX or a Latin-1 locale without Python's UTF-8 "
+                                    "mode); run under a UTF-8 locale (LC_ALL=C.UTF-8) or with PYTHONUTF8=1")
     launch_error = _launch_variable_error()
     if launch_error is not None:
         return _error_exit(command, launch_error)
     try:  # the commands import torchrec: a mismatched fbgemm-gpu would fail there, deep in its loader
         check_versions()
     except RuntimeError as error:
-        if _traceback_asked():
+        if traceback_asked():
             raise
         return _error_exit("", error)
     except KeyboardInterrupt:  # in the seconds torch takes to import: nothing written yet
-        if _traceback_asked():
+        if traceback_asked():
             raise
         if _launch_number("RANK", 0) == 0:  # rank 0 speaks for the ranks torchrun started
             print(f"recsys-llm {command}: interrupted (Ctrl-C) before it began", file=sys.stderr, flush=True)
@@ -664,7 +694,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
-        if _traceback_asked():
+        if traceback_asked():
             record_for_launcher()
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -672,7 +702,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
     except BaseException as error:
         # Ctrl-C / SIGTERM during a checkpoint save: torch.distributed.checkpoint wraps it
         interruption = _interruption(error)
-        if isinstance(interruption, KeyboardInterrupt) and not _traceback_asked():
+        if isinstance(interruption, KeyboardInterrupt) and not traceback_asked():
             _close_progress_bars()
             # one line and the shell's code for SIGINT, as SIGTERM ends with 143 (a crash's 1 said something failed);
             # Ctrl-C reaches every rank torchrun started on the terminal: rank 0 says it for them all
@@ -682,7 +712,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
                       "to go on", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.SIGINT) from None
         if interruption is not None:
-            if isinstance(interruption, Terminated) and not _traceback_asked():
+            if isinstance(interruption, Terminated) and not traceback_asked():
                 _close_progress_bars()
                 print(f"recsys-llm {command}: stopped (SIGTERM); what it had written whole stays, and what it left "
                       "half written is never read (removed now, or by the next run): run the same command again to go "
@@ -691,7 +721,7 @@ def _run_command(argv: Optional[List[str]]) -> int:
             raise interruption from None
         environment = _environment_error_line(error, args)
         line = environment or _name_too_long_line(error, args) or _peer_failure_line(error)
-        if line is None or _traceback_asked():
+        if line is None or traceback_asked():
             if isinstance(error, Exception):
                 record_for_launcher()
             raise
