@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from recsys_llm.error_text import one_line, telling_line
+from recsys_llm.progress import LINES_ENV, env_flag
 from recsys_llm.semantics.model_dir import (
     config_vocab_size,
     read_model_config,
@@ -450,15 +451,30 @@ def _attention_in_place_of_flash(model_path: str, config: Any, device: torch.dev
 
 @contextlib.contextmanager
 def _transformers_errors_only() -> Iterator[None]:
-    """transformers' logging at ERROR within (its own verbosity put back after)."""
+    """transformers' logging at ERROR within, and its "Loading weights" bar off where progress goes to a log
+    (``$RECSYS_LLM_PROGRESS_LINES`` on: the bar ignores it and redraws in place on one line); both put back after."""
     from transformers.utils import logging as transformers_logging
 
     previous = transformers_logging.get_verbosity()
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    if bar_was_on and _progress_to_a_log():
+        transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers_logging.set_verbosity(previous)
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
+
+
+def _progress_to_a_log() -> bool:
+    """Whether ``$RECSYS_LLM_PROGRESS_LINES`` is on (a value that is no on/off word counts as off here: the
+    commands refuse it at their start)."""
+    try:
+        return env_flag(LINES_ENV)
+    except ValueError:
+        return False
 
 
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:

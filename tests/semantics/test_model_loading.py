@@ -601,3 +601,16 @@ def test_trust_remote_code_that_is_no_bool_is_refused(tmp_path, bad):
 def test_resolve_dtype_names_the_short_names_when_refusing():
     with pytest.raises(ValueError, match=r"'bf16', 'bfloat16', 'float16', 'float32', 'fp16', 'fp32'\], got 'int8'"):
         resolve_dtype("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("lines", ["1", "0"])
+def test_transformers_loading_bar_is_left_out_of_a_log_and_put_back(tiny_bert_dir, capfd, monkeypatch, lines) -> None:
+    """transformers' "Loading weights" bar ignored RECSYS_LLM_PROGRESS_LINES and left its redraws joined by carriage
+    returns in a job's log; a terminal (the variable off) keeps it. transformers' own setting is put back."""
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setenv("RECSYS_LLM_PROGRESS_LINES", lines)
+    capfd.readouterr()
+    load_model(tiny_bert_dir, torch.device("cpu"), torch.float32)
+    assert ("Loading weights" in capfd.readouterr().err) is (lines == "0")
+    assert transformers_logging.is_progress_bar_enabled()
