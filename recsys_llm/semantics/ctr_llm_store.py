@@ -16,6 +16,7 @@ from recsys_llm.error_text import one_line
 from recsys_llm.semantics.ctr_llm import CTRAdaptedLLM, CTRLLMConfig, heads_state
 from recsys_llm.semantics.model_dir import model_weights_fingerprint, read_json_file, tokenizer_fingerprint
 from recsys_llm.semantics.model_loading import runs_own_code
+from recsys_llm.semantics.ssft_adapter import save_peft_adapter
 
 # in provenance.json: the fingerprint of the base model's config and weights (check_base_model)
 BASE_WEIGHTS_KEY = "base_weights"
@@ -49,7 +50,7 @@ def save_ctr_llm(model: CTRAdaptedLLM, directory: str, extra_json: Optional[Dict
         save_file(heads_state(model), os.path.join(tmp, "heads.safetensors"))
         save_file(model.trainable_llm_state(), os.path.join(tmp, "llm_tuned.safetensors"))
         if model.config.tuning == "lora":  # the LoRA part as peft writes it, for peft and transformers users
-            model.llm.save_pretrained(os.path.join(tmp, PEFT_ADAPTER_DIR))
+            save_peft_adapter(model.llm, os.path.join(tmp, PEFT_ADAPTER_DIR))
         base = model.config.model_path
         base_weights = {BASE_WEIGHTS_KEY: model_weights_fingerprint(base)} if os.path.isdir(base) else {}
         base_tokenizer = {BASE_TOKENIZER_KEY: tokenizer_fingerprint(model.tokenizer)}

@@ -74,7 +74,7 @@ from recsys_llm.semantics.model_loading import (
 )
 from recsys_llm.semantics.pooling import POOLINGS, directory_pooling
 from recsys_llm.semantics.precision import LowPrecisionSteps
-from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE, canonical_adapter_config
+from recsys_llm.semantics.ssft_adapter import SSFT_INFO_FILE, save_peft_adapter
 from recsys_llm.semantics.ssft_examples import (
     SSFTExample,
     build_examples,
@@ -622,12 +622,7 @@ class SSFTTrainer:
         for peft_config in getattr(self._encoder.model, "peft_config", {}).values():
             peft_config.base_model_name_or_path = os.path.abspath(self._model_path)
         with checkpoint_swap(final) as tmp:  # Ctrl-C or SIGTERM while writing: no half-written adapter.tmp is left
-            self._encoder.model.save_pretrained(tmp)
-            config_path = os.path.join(tmp, "adapter_config.json")  # peft's set of target modules, in hash order
-            with open(config_path, encoding="utf-8") as handle:
-                adapter_config = canonical_adapter_config(json.load(handle))
-            with open(config_path, "w", encoding="utf-8") as handle:
-                json.dump(adapter_config, handle, indent=2, sort_keys=True)
+            save_peft_adapter(self._encoder.model, tmp)
             info = {
                 "base_model_path": os.path.abspath(self._model_path),
                 "base_model_hash": self._base_hash,

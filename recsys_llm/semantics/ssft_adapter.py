@@ -53,6 +53,18 @@ def canonical_adapter_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
+def save_peft_adapter(model: Any, directory: str) -> None:
+    """``model.save_pretrained(directory)`` (a peft model: its adapter), with ``adapter_config.json`` rewritten in
+    its canonical form (:func:`canonical_adapter_config`), so every process writes the same bytes for one adapter
+    (a rerun after a kill those of an uninterrupted run)."""
+    model.save_pretrained(directory)
+    config_path = os.path.join(directory, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        adapter_config = canonical_adapter_config(json.load(handle))
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(adapter_config, handle, indent=2, sort_keys=True)
+
+
 def _adapter_file_fingerprint(path: str) -> str:
     """:func:`file_fingerprint`, of ``adapter_config.json`` its canonical JSON (:func:`canonical_adapter_config`):
     one adapter gives one hash however peft ordered its set of target modules."""

@@ -111,6 +111,19 @@ class TestCTRAdaptedLLM:
         torch.testing.assert_close(loaded.encode(texts[:5]), model.encode(texts[:5]))
         assert loaded.provenance() == model.provenance()
 
+    def test_the_peft_adapter_config_is_written_the_same_in_every_process(self, tmp_path, monkeypatch):
+        """peft writes ``target_modules`` (a set) in Python's hash order, which PYTHONHASHSEED changes: an adapt
+        rerun after a kill wrote another adapter_config.json than the uninterrupted run. It is sorted now."""
+        model, _ = _tiny_bert_ctr_llm(tmp_path)
+        for peft_config in model.llm.peft_config.values():  # the order another process's hash seed gives
+            peft_config.target_modules = sorted(peft_config.target_modules, reverse=True)
+        out = os.path.join(str(tmp_path), "saved")
+        save_ctr_llm(model, out)
+        with open(os.path.join(out, "adapter", "adapter_config.json"), encoding="utf-8") as handle:
+            modules = json.load(handle)["target_modules"]
+        assert len(modules) > 1 and modules == sorted(modules), modules
+        load_ctr_llm(out)  # still loads
+
     @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a GPU"))])
     def test_loads_straight_onto_the_device_asked_for(self, tmp_path, device):
