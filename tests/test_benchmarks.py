@@ -899,3 +899,8 @@ def test_ratio_bars_name_a_dashed_goal_only_where_one_is_drawn() -> None:
         axis = Figure().subplots()
         ratio_bars(axis, {"train": 0.8, "serve": 1.1}, goals, "ratios")
         assert axis.get_ylabel() == label and len(axis.collections) == len(goals)
+        ticks = [tick.get_text() for tick in axis.get_xticklabels()]
+        assert ticks == (["train", "serve"] if not goals else ["train\n(goal 0.9)", "serve"])
+        if goals:  # the value above the goal's dash, not struck through by it
+            (train_value,) = [text for text in axis.texts if text.get_text() == "0.8"]
+            assert train_value.xy[1] == 0.9

@@ -158,6 +158,8 @@ def test_a_nan_auc_is_left_out_not_starred_as_best(tmp_path, monkeypatch) -> Non
     _, auc_axis = _drawn(tmp_path, monkeypatch, records)
     (best,) = [line for line in auc_axis.get_lines() if line.get_label().startswith("best")]
     assert best.get_label() == "best 0.6000" and list(best.get_xdata()) == [100]
+    low, high = auc_axis.get_xlim()  # the NaN at step 50, marked, is inside the panel (it was drawn outside it,
+    assert low < 50 and high > 100  # beside a one-step axis, and tight_layout gave up: no legend in the picture)
 
 
 def test_a_run_without_validation_says_so_and_tests_its_final_model(tmp_path, monkeypatch) -> None:
@@ -209,3 +211,45 @@ def test_a_resume_is_marked_on_both_panels(tmp_path, monkeypatch) -> None:
         marks = [line for line in axis.get_lines() if line.get_linestyle() == ":"]
         assert [list(line.get_xdata()) for line in marks] == [[75, 75]]
     assert "resumed" in drawn[0].axes[0].get_legend_handles_labels()[1]
+
+
+def test_a_non_finite_value_breaks_its_line_and_is_marked(tmp_path, monkeypatch) -> None:
+    """A diverged loss (NaN) or a single-class validation (AUC null) was left out and the line drawn straight across
+    it, so the picture showed a smooth run."""
+    import math
+
+    records = [{"event": "train", "global_step": 50, "loss": 0.7}, {"event": "train", "global_step": 100, "loss": None},
+               {"event": "train", "global_step": 150, "loss": 0.6},
+               {"event": "valid", "global_step": 100, "auc": 0.6, "logloss": 0.6},
+               {"event": "valid", "global_step": 200, "auc": None, "logloss": 0.6},
+               {"event": "valid", "global_step": 300, "auc": 0.7, "logloss": 0.6}]
+    loss_axis, auc_axis = _drawn(tmp_path, monkeypatch, records)
+    lines = {line.get_label(): line for axis in (loss_axis, auc_axis) for line in axis.get_lines()}
+    loss = lines["training loss, mean of 50 steps (BCE + loss terms)"]
+    assert list(loss.get_xdata()) == [50, 100, 150] and math.isnan(loss.get_ydata()[1])
+    auc = lines["validation AUC"]
+    assert list(auc.get_xdata()) == [100, 200, 300] and math.isnan(auc.get_ydata()[1])
+    assert list(lines["no finite loss (NaN / inf / null)"].get_xdata()) == [100]
+    assert list(lines["no finite AUC (NaN / inf / null)"].get_xdata()) == [200]
+    assert lines["best 0.7000"].get_xdata()[0] == 300
+
+
+def test_a_loss_spanning_decades_is_on_a_log_scale(tmp_path, monkeypatch) -> None:
+    """An early spike (or an ELEC student's KD terms, 20x its LogLoss) flattened the other curves along the bottom."""
+    spiky = [{"event": "train", "global_step": 50, "loss": 500.0}, {"event": "train", "global_step": 100, "loss": 0.6},
+             {"event": "valid", "global_step": 100, "auc": 0.6, "logloss": 0.6}]
+    loss_axis, _ = _drawn(tmp_path, monkeypatch, spiky)
+    assert loss_axis.get_yscale() == "log" and "log" in loss_axis.get_ylabel()
+    loss_axis, _ = _drawn(tmp_path, monkeypatch, RECORDS)
+    assert loss_axis.get_yscale() == "linear"
+
+
+def test_the_title_names_the_model_and_the_data(tmp_path, monkeypatch) -> None:
+    """The title was the run directory's name alone ("tiny"): the picture did not say what was trained on what."""
+    with open(tmp_path / "config.yaml", "w", encoding="utf-8") as handle:
+        handle.write("data:\n  schema: data/ml100k/schema.json\nmodel:\n  name: dcnv2\n")
+    axes = _drawn(tmp_path, monkeypatch, RECORDS)
+    assert axes[0].figure.get_suptitle() == f"{tmp_path.name}: dcnv2 on ml100k"
+    (tmp_path / "config.yaml").write_text(": not yaml [", encoding="utf-8")
+    axes = _drawn(tmp_path, monkeypatch, RECORDS)
+    assert axes[0].figure.get_suptitle() == tmp_path.name
