@@ -19,7 +19,7 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.data.synthetic import generate_synthetic
 from recsys_llm.data.validation import DataError, field_specs_metadata
 from recsys_llm.serving import ServedModel
-from recsys_llm.serving.scoring import score_columns, score_split
+from recsys_llm.serving.scoring import SCORES_STAMP_KEY, score_columns, score_split
 from recsys_llm.train.metrics import binary_metrics
 from tests.multiprocess import run_multiprocess
 from tests.small_artifact import export_small_deepfm, write_config_as_exported
@@ -169,8 +169,16 @@ def test_the_command_asks_for_trust_in_the_program_and_prints_the_metrics(export
     assert report["artifact"] == exported["artifact"] and report["rows"] == pq.read_metadata(output).num_rows
     logits = torch.tensor(pq.read_table(output)["logit"].to_numpy())
     torch.testing.assert_close(logits, torch.load(exported["task_logits"], weights_only=True))
-    assert cli_main(arguments + ["--trust-program"]) == 2  # the scores are there now: not written over
-    assert "exists" in capsys.readouterr().err
+    # the same command again (a kill once the file was in place, before it exited): its own scores, replaced
+    written = pq.read_table(output)
+    assert written.schema.metadata[SCORES_STAMP_KEY]
+    assert cli_main(arguments + ["--trust-program"]) == 0
+    capsys.readouterr()
+    assert pq.read_table(output).equals(written)
+    # another split's scores into that file: refused, the file left as it was
+    assert cli_main(arguments + ["--trust-program", "--split", "valid"]) == 2
+    assert "exists (the scores of another artifact or other data)" in capsys.readouterr().err
+    assert pq.read_table(output).equals(written)
 
 
 def test_a_split_whose_files_have_no_row_key_is_scored_without_one(exported: Dict[str, str], tmp_path) -> None:

@@ -156,9 +156,10 @@ def split_fingerprint(schema: DatasetSchema, split: str,
     ``+`` a hash of its files' bytes: the same for a copy or an identical re-preparation of the
     data, different for other rows (new data behind the same fields and sizes). The footers alone
     miss rows changed within the same statistics (two labels swapped); the bytes do not, where
-    reading them is cheap. Compare two with :func:`same_split_fingerprint`."""
+    reading them is cheap. Compare two with :func:`same_split_fingerprint`. ``split``: a split name of ``schema``, or
+    a Parquet file or directory of its columns (:func:`resolve_paths`)."""
     footers, contents = hashlib.sha256(), hashlib.sha256()
-    root = schema.split_path(split)
+    root = schema.split_path(split) if split in schema.splits else split
     paths = resolve_paths(schema, split)
     for path in paths:
         metadata = pq.ParquetFile(path).metadata.to_dict()

@@ -16,6 +16,7 @@ the ranks need no shared file system for the output.
 """
 
 import contextlib
+import json
 import os
 import time
 import warnings
@@ -23,13 +24,14 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from recsys_llm.atomic_dir import check_writable
 from recsys_llm.data.parquet import ParquetBatchReader
-from recsys_llm.data.parquet_files import first_file_columns
+from recsys_llm.data.parquet_files import first_file_columns, split_fingerprint
 from recsys_llm.data.parquet_writer import SplitWriter, numpy_dtype
 from recsys_llm.data.row_chunks import ROW_ID_EXTRA
 from recsys_llm.data.schema import DatasetSchema
@@ -47,6 +49,9 @@ from recsys_llm.train.distributed import (
 from recsys_llm.train.metrics import CTRMetrics
 
 SCORE_COLUMNS = ("label", "logit", "probability")
+# a scores file's Parquet key-value metadata: what made it (scores_stamp), so that the same command run again (after a
+# kill once the file was in place) replaces its own earlier file, and no other
+SCORES_STAMP_KEY = b"recsys_llm.scores"
 
 ScoreColumns = Dict[str, np.ndarray]  # a scores file's column name -> n values, in its Arrow type's numpy dtype
 
@@ -59,28 +64,65 @@ def score_columns(schema: DatasetSchema, with_row_key: bool, with_label: bool = 
     return pa.schema(key + [pa.field(name, pa.float32()) for name in names])
 
 
-def check_scores_output(output: str) -> None:
-    """Raises FileExistsError for an ``output`` that exists (scores are never written over), and
-    FileNotFoundError for one whose directory does not, PermissionError for one whose directory this user cannot
-    write in (:func:`~recsys_llm.atomic_dir.check_writable`). Under a process group (collective) rank 0, which writes
-    the file, checks, and every rank raises: the others a RuntimeError that says so. An empty ``output``
-    (``--output ''``) is a ValueError on every rank: it names no file, and the scores would be dropped."""
+def scores_stamp(served: ServedModel, schema: DatasetSchema, split: str) -> Optional[str]:
+    """What a scores file of ``split`` by ``served`` is stamped with (:data:`SCORES_STAMP_KEY`): JSON of the artifact's
+    export id and the split's :func:`~recsys_llm.data.parquet_files.split_fingerprint`; None for an artifact exported
+    without an export id (before 2026-12), whose scores files get no stamp."""
+    export_id = served.export_id
+    if not export_id:
+        return None
+    return json.dumps({"export_id": export_id, "split": split_fingerprint(schema, split)}, sort_keys=True)
+
+
+def _stamp_of(path: str) -> Optional[str]:
+    """The :data:`SCORES_STAMP_KEY` of the Parquet file ``path`` (a regular file, not a link); None for any other
+    file, or one without it."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    stamp = metadata.get(SCORES_STAMP_KEY)
+    return stamp.decode("utf-8", "replace") if stamp else None
+
+
+def check_scores_output(output: str, stamp: Optional[str] = None) -> bool:
+    """Raises FileExistsError for an ``output`` that exists, unless it is a scores file this command wrote before
+    (stamped ``stamp``; with ``stamp`` None, before the artifact is loaded, any stamped scores file passes, to be
+    checked once it is), FileNotFoundError for one whose directory does not exist, PermissionError for one whose
+    directory this user cannot write in (:func:`~recsys_llm.atomic_dir.check_writable`). Under a process group
+    (collective) rank 0, which writes the file, checks, and every rank raises: the others a RuntimeError that says so.
+    An empty ``output`` (``--output ''``) is a ValueError on every rank: it names no file, and the scores would be
+    dropped.
+
+    Returns:
+        bool: on rank 0, whether ``output`` holds this command's own earlier scores, which the new ones replace (the
+        same command run again after a kill once they were in place); False on the other ranks.
+    """
     if not output:
         raise ValueError(f"--output {output!r}: names no file; expected the path of a new Parquet file for the scores "
                          "(e.g. scores.parquet), or leave --output out to compute the metrics only")
+    own = False
 
     def check_on_rank_0() -> None:
+        nonlocal own
         if not is_main_process():
             return
         if os.path.lexists(output):
-            raise FileExistsError(f"{output}: exists; the scores are written to a new file (remove it, or pass "
-                                  "another --output)")
+            found = _stamp_of(output)
+            if found is None or (stamp is not None and found != stamp):
+                other = " (the scores of another artifact or other data)" if found is not None else ""
+                raise FileExistsError(f"{output}: exists{other}; the scores are written to a new file (remove it, or "
+                                      "pass another --output)")
+            own = stamp is not None
         parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{output}: its directory {parent} does not exist")
         check_writable(output)  # its temp file goes there: refused now, not once the artifact and data are loaded
 
     run_on_every_rank(check_on_rank_0, "the --output check")
+    return own
 
 
 def check_artifact_fits(served: ServedModel, schema: DatasetSchema) -> None:
@@ -170,8 +212,8 @@ def score_split(
         split (str): a split name of the schema, a Parquet file or a directory of them.
         batch_size (int): rows per ``served.logits`` call.
         output (Optional[str]): a new Parquet file for each row's row key (when the files have the
-            schema's), label (when they have one), logit and probability (float32), written atomically (by rank 0);
-            None: metrics only.
+            schema's), label (when they have one), logit and probability (float32), written atomically (by rank 0)
+            and stamped with what made it (:func:`scores_stamp`); None: metrics only.
         progress (bool): a tqdm bar over the batches (rank 0's).
         cold_item_column (str): the 0/1 extra column of cold items (the run's ``data.cold_item_column``): the
             ``cold/...`` metrics when the schema has it; another name than the default that it lacks is an error;
@@ -187,15 +229,16 @@ def score_split(
         ValueError: an empty ``output``, rows of ``schema`` that do not fit the artifact
             (:func:`check_artifact_fits`), a row key column named as a scores column, a ``cold_item_column``
             (not the default) the schema lacks, or a batch the artifact refuses (``ServedModel.logits``).
-        FileExistsError: ``output`` exists (checked before anything is read).
+        FileExistsError: ``output`` exists, and is not the scores of this artifact and split that an earlier call
+            wrote, which are replaced (checked before anything but the split's Parquet footers is read).
         FileNotFoundError: ``output``'s directory does not exist (checked likewise).
         PermissionError: this user cannot write in ``output``'s directory (checked likewise).
         RuntimeError: on the other ranks, when rank 0's ``output`` check or another rank's scoring failed.
     """
     grouped = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
-    if output is not None:
-        check_scores_output(output)
+    stamp = scores_stamp(served, schema, split) if output is not None and rank == 0 else None
+    replace = check_scores_output(output, stamp) if output is not None else False
     check_artifact_fits(served, schema)
     first_file = first_file_columns(schema, split)
     labeled = schema.label in first_file  # else rows to score (a day's traffic before its clicks)
@@ -242,7 +285,9 @@ def score_split(
 
     # on an error the writer removes its temp file: nothing appears at ``output``; its temp file is its own and
     # linked into place, so scores another process wrote there meanwhile are left as they are
-    opened = SplitWriter(output, columns_out, replace=False) if output is not None and rank == 0 else None
+    if stamp is not None:
+        columns_out = columns_out.with_metadata({SCORES_STAMP_KEY: stamp.encode("utf-8")})
+    opened = SplitWriter(output, columns_out, replace=replace) if output is not None and rank == 0 else None
     with opened if opened is not None else contextlib.nullcontext() as writer:
         rows, seconds = run_on_every_rank(score_own_rows, f"scoring {split}")
         if output is not None and world_size > 1:

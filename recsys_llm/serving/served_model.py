@@ -472,6 +472,13 @@ class ServedModel(nn.Module):
         return list(self._config["feature_names"])
 
     @property
+    def export_id(self) -> Optional[str]:
+        """The id that ties the artifact's files together (``config.json`` ``export_id``, new at each export); None
+        for an artifact exported before they had one (2026-12)."""
+        export_id = self._config.get(EXPORT_ID_KEY)
+        return str(export_id) if export_id else None
+
+    @property
     def weighted(self) -> bool:
         """The tables pool per-id weights (``config.json`` ``weighted``): a request's KJT carries them."""
         return bool(self._config.get(WEIGHTED_KEY, False))
