@@ -528,7 +528,7 @@ def atomic_directory(directory: str, kind: str, marker_files: Sequence[str]) -> 
                            and os.path.join(parent, name) != old and os.path.isdir(os.path.join(parent, name)))
         if leftovers:
             print(f"[recsys_llm] {parent}: {', '.join(leftovers)} left by an earlier {kind} of {directory} that was "
-                  "killed; delete them", file=sys.stderr)
+                  f"killed; delete {'them' if len(leftovers) > 1 else 'it'}", file=sys.stderr)
         tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
         try:
             yield tmp

@@ -155,7 +155,7 @@ def test_temp_directories_of_a_killed_run_are_named(tmp_path, capsys) -> None:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
             handle.write("{}")
     err = capsys.readouterr().err
-    assert f"{tmp_path}: .out.k1ll3d left by an earlier export of {tmp_path / 'out'} that was killed" in err
+    assert f"{tmp_path}: .out.k1ll3d left by an earlier export of {tmp_path / 'out'} that was killed; delete it\n" in err
     assert leftover.is_dir()  # named, not removed
 
 
