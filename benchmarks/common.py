@@ -3,12 +3,16 @@
 Each script ``benchmarks/<name>.py`` defines ``main(argv: Optional[List[str]] = None) -> dict``
 and follows the same shape::
 
-    args = parse_args("train_throughput", __doc__, argv)       # --quick/--smoke/--json/--plot/--device
+    args = parse_args("train_throughput", __doc__, argv)       # --quick/--smoke/--json/--plot/--device/--replot
+    if args.replot:                                             # --replot JSON: only the PNG, from that JSON
+        return replot_json(args, replot)
     ...measure side by side, interleaved (see ``interleaved_repeats``)...
     payload = result_payload(args, {"ratio_vs_torchrec_loop": 0.97}, details={...}, table=[...])
-    write_json(args.json, payload)
-    bar_chart(args.plot, {"project": 27_000.0, "torchrec loop": 27_800.0}, ylabel="samples/s")
+    write_result(args, payload, replot)                         # the JSON, then replot(payload, args.plot)
     print_summary("train_throughput", payload)
+
+where ``replot(payload: dict, png_path: Path)`` draws the PNG from the payload alone (as the JSON holds it), so a
+run and ``--replot`` of its JSON draw through one function and cannot drift apart.
 
 The JSON always holds the top-level figures, ``details``, an optional ``table`` (a list of
 row dicts that ``run_all.py`` renders into ``benchmarks/README.md``), the mode and ``machine``
@@ -113,6 +117,9 @@ def build_parser(name: str, description: Optional[str]) -> argparse.ArgumentPars
                              "another path for a trial run)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="where to write the PNG plot (default: the --json path with .png)")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="run nothing: redraw the PNG of this JSON (one this script wrote) with the current "
+                             "drawing code, to --plot (default: the JSON's path with .png)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="compute device (default: %(default)s: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the models (default: %(default)s)")
@@ -128,16 +135,14 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
     flushes subnormal CPU floats to zero unless ``--keep-denormals``."""
     parser = parser or build_parser(name, description)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    args.name = name
+    if args.replot is not None:
+        return _replot_args(parser, args)
     if args.plot is None:
         args.plot = args.json.with_suffix(".png")
     if args.plot.resolve() == args.json.resolve():  # e.g. --json x.png: the plot would overwrite the JSON
         parser.error(f"--json and --plot name one file ({args.json}); give the JSON a .json name or --plot another file")
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    image_suffix = args.plot.suffix[1:].lower()  # the plot's format (none: matplotlib's default, PNG)
-    if image_suffix and image_suffix not in FigureCanvasBase.get_supported_filetypes():
-        parser.error(f"--plot {args.plot}: matplotlib cannot write '.{image_suffix}' files; give the plot one of "
-                     f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))} (e.g. {name}.png)")
+    _check_plot_format(parser, args.plot, name)
     for option, path, suffix in (("--json", args.json, ".json"), ("--plot", args.plot, ".png")):
         # refused now, not when the file is written at the end of the run
         if path.is_dir():
@@ -162,11 +167,117 @@ def parse_args(name: str, description: Optional[str], argv: Optional[Sequence[st
         record_for_launcher(f"{parser.prog}: error: {message}")  # where torchrun's summary and torchx status read it
         parser.error(message)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    args.name = name
     # before any multi-threaded op, so torch's worker threads inherit it (see train.flush_denormal);
     # set_flush_denormal answers whether the CPU has the mode at all
     args.flush_denormal = torch.set_flush_denormal(not args.keep_denormals) and not args.keep_denormals
     return args
+
+
+def _check_plot_format(parser: argparse.ArgumentParser, plot: Path, name: str) -> None:
+    """Refuses a ``--plot`` whose suffix is no format matplotlib writes (none: matplotlib's default, PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    image_suffix = plot.suffix[1:].lower()
+    if image_suffix and image_suffix not in FigureCanvasBase.get_supported_filetypes():
+        parser.error(f"--plot {plot}: matplotlib cannot write '.{image_suffix}' files; give the plot one of "
+                     f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))} (e.g. {name}.png)")
+
+
+def _replot_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``parse_args``' checks of ``--replot JSON`` (a readable file; ``--plot``, default the JSON's path with
+    ``.png``, another file); no torch import, no device: nothing runs but the plot."""
+    if args.quick or args.smoke:
+        parser.error("--replot draws the run that wrote the JSON; --quick and --smoke do not apply")
+    if not args.replot.is_file():
+        parser.error(f"--replot {args.replot}: no such file; pass a JSON this script wrote, e.g. "
+                     f"{RESULTS_DIR / args.name}.json")
+    if args.plot is None:
+        args.plot = args.replot.with_suffix(".png")
+    if args.plot.resolve() == args.replot.resolve():
+        parser.error(f"--replot and --plot name one file ({args.replot}); give --plot another file")
+    if args.plot.is_dir():
+        parser.error(f"--plot {args.plot}: is a directory; --plot takes the file to write")
+    _check_plot_format(parser, args.plot, args.name)
+    args.mode = None  # the JSON's
+    return args
+
+
+class MissingResultKey(KeyError):
+    """A key the plot needs that a result JSON lacks (one written by an older version of its script)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ResultDict(dict):
+    """A result payload's object that names the file and the key path of a key it lacks (see ``result_dict``)."""
+
+    source: str = "the result"
+    where: str = ""
+
+    def __missing__(self, key: Any) -> Any:
+        path = f"{self.where}.{key}" if self.where else str(key)
+        raise MissingResultKey(f"{self.source}: no key '{path}', which the plot needs (written by an older "
+                               "version of the script? rerun the benchmark)")
+
+
+def result_dict(value: Any, source: str, where: str = "") -> Any:
+    """``value`` (a payload as ``json.load`` reads it) with its objects as ``ResultDict``: ``payload["details"]
+    ["sizes"]`` of a JSON without them raises ``MissingResultKey`` naming ``source`` and ``details.sizes``."""
+    if isinstance(value, dict):
+        checked = ResultDict({key: result_dict(item, source, f"{where}.{key}" if where else str(key))
+                              for key, item in value.items()})
+        checked.source, checked.where = source, where
+        return checked
+    if isinstance(value, list):
+        return [result_dict(item, source, where) for item in value]
+    return value
+
+
+Replot = Callable[[Mapping[str, Any], Path], None]
+
+
+def replot_payload(replot: Replot, payload: Mapping[str, Any], png_path: Path, source: str) -> None:
+    """Draws ``payload`` with the script's ``replot`` as its JSON holds it (keys as strings, tuples as lists), on
+    rank 0: a run (``write_result``) and ``--replot`` (``replot_json``) draw the same figure.
+
+    Raises:
+        MissingResultKey: the plot needs a key the payload lacks (named with ``source``).
+    """
+    if not is_rank_zero():
+        return
+    replot(result_dict(json.loads(json.dumps(payload, default=_json_default)), source), Path(png_path))
+
+
+def write_result(args: argparse.Namespace, payload: Mapping[str, Any], replot: Replot) -> None:
+    """A run's end: writes ``payload`` to ``--json`` and its PNG to ``--plot`` through ``replot``, the function
+    ``--replot`` of that JSON calls."""
+    write_json(args.json, payload)
+    replot_payload(replot, payload, args.plot, str(args.json))
+
+
+def replot_json(args: argparse.Namespace, replot: Replot) -> Dict[str, Any]:
+    """``--replot JSON``: reads the JSON a run of ``args.name`` wrote and draws its PNG to ``--plot`` with ``replot``,
+    running nothing else; returns the payload. A JSON that is not a result of this benchmark, or lacks a key the
+    plot needs, ends the script (exit status 1) with a message naming the file and the key."""
+    source = str(args.replot)
+    try:
+        with open(args.replot, encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{args.name}: error: --replot {source}: cannot read it as JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise SystemExit(f"{args.name}: error: --replot {source}: not a result (a JSON object)")
+    if payload.get("benchmark", args.name) != args.name:
+        raise SystemExit(f"{args.name}: error: --replot {source}: a result of benchmarks/{payload['benchmark']}.py, "
+                         f"not of benchmarks/{args.name}.py; replot it with that script")
+    try:
+        replot_payload(replot, payload, args.plot, source)
+    except MissingResultKey as error:
+        raise SystemExit(f"{args.name}: error: --replot {error}") from None
+    if is_rank_zero():
+        print(f"[{args.name}] {args.plot} redrawn from {source}", flush=True)
+    return payload
 
 
 def check_llm_option(parser: argparse.ArgumentParser, path: Optional[str], option: str = "--llm") -> None:

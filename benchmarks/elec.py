@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,6 +71,7 @@ from benchmarks.common import (  # noqa: E402
     per_round_ratios,
     print_summary,
     ratio_bars,
+    replot_json,
     result_payload,
     run_main,
     samples_per_second,
@@ -80,7 +81,7 @@ from benchmarks.common import (  # noqa: E402
     tiny_llm_dir,
     train_split_batches,
     two_panel_figure,
-    write_json,
+    write_result,
 )
 
 NAME = "elec"
@@ -341,9 +342,17 @@ def compare_backbone(name: str, sizes: Sizes, schema, train_batches: List, reque
 
 
 # ---- plot ---------------------------------------------------------------------------------------
-def plot(path: Path, per_backbone: Dict[str, Dict[str, Any]], ratios: Dict[str, float], goals: Dict[str, float],
-         title: str) -> None:
-    """Left: serving samples/s per contender and backbone (log). Right: the ratios and their goals."""
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
+    """The PNG of a result ``payload`` (as its JSON holds it). Left: serving samples/s per contender and backbone
+    (log). Right: the ratios and their goals. A run and ``--replot`` both draw it."""
+    details = payload["details"]
+    per_backbone, sizes = details["per_backbone"], details["sizes"]
+    figures = {"serve": "student_serve_ratio_vs_backbone", "vs online LLM": "student_speedup_vs_gain_online_llm",
+               "KD train": "kd_train_ratio_vs_backbone",
+               "gain (entity tables)\nserve": "gain_entity_tables_serve_ratio_vs_backbone"}
+    ratios = {label: payload[key] for label, key in figures.items()}
+    goals = {label: details["goals"][key] for label, key in figures.items() if key in details["goals"]}
+    title = f"{llm_name(details['llm'])}: serve batch {sizes['batch_size']}, request {sizes['request_batch_size']}"
     names = list(per_backbone)
     width = 0.8 / len(SERVE_CONTENDERS)
 
@@ -358,7 +367,7 @@ def plot(path: Path, per_backbone: Dict[str, Dict[str, Any]], ratios: Dict[str, 
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
 
-    two_panel_figure(path, serving, lambda right: ratio_bars(right, ratios, goals, "ELEC ratios"))
+    two_panel_figure(png_path, serving, lambda right: ratio_bars(right, ratios, goals, "ELEC ratios"))
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -368,6 +377,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="backbones to compare (default: per mode)")
     parser.add_argument("--llm", default=None, help="local Hugging Face model directory (default: offline MiniLM)")
     args = parse_args(NAME, __doc__, argv, parser=parser)
+    if args.replot:
+        return replot_json(args, replot)
     check_llm_option(parser, args.llm)  # before the data is made and the LLM loaded
     sizes = SIZES[args.mode]
     if args.backbones:
@@ -474,14 +485,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for name, r in per_backbone.items()
     ]
     payload = result_payload(args, figures, details=details, table=table)
-    write_json(args.json, payload)
-    plot(args.plot, per_backbone,
-         {"serve": figures["student_serve_ratio_vs_backbone"],
-          "vs online LLM": figures["student_speedup_vs_gain_online_llm"],
-          "KD train": figures["kd_train_ratio_vs_backbone"],
-          "gain (entity tables)\nserve": figures["gain_entity_tables_serve_ratio_vs_backbone"]},
-         {"serve": GOAL_SERVE, "vs online LLM": GOAL_ONLINE, "KD train": GOAL_KD_TRAIN},
-         f"{llm_name(llm.config.model_path)}: serve batch {sizes.batch_size}, request {sizes.request_batch_size}")
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     if args.mode != "smoke":
         for key, value in figures.items():

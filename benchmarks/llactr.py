@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -81,6 +81,7 @@ from benchmarks.common import (  # noqa: E402
     per_round_ratios,
     print_summary,
     ratio_bars,
+    replot_json,
     result_payload,
     run_main,
     samples_per_second,
@@ -90,7 +91,7 @@ from benchmarks.common import (  # noqa: E402
     tiny_llm_dir,
     train_split_batches,
     two_panel_figure,
-    write_json,
+    write_result,
 )
 
 NAME = "llactr"
@@ -446,15 +447,25 @@ def compare_backbone(name: str, sizes: Sizes, schema, vectors_path: str, batches
 
 
 # ---- plot ---------------------------------------------------------------------------------------
-def plot(path: Path, field_seconds: float, setup: float, per_row: float, ratios: Dict[str, float],
-         goals: Dict[str, float], title: str) -> None:
-    """Left: LLM seconds against training rows (log-log). Right: the ratios and their goals."""
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
+    """The PNG of a result ``payload`` (as its JSON holds it). Left: LLM seconds against training rows (log-log).
+    Right: the ratios and their goals. A run and ``--replot`` both draw it."""
+    details = payload["details"]
+    field, instance = details["field"], details["instance"]
+    field_seconds = details["field_seconds_at_default_s"]
+    setup, per_row = instance["setup_seconds"], instance["per_row_seconds"]
+    figures = {"train": "train_ratio_vs_backbone", "serve": "serve_ratio_vs_backbone",
+               "LLM cost": "llm_cost_ratio_instance_vs_field"}
+    ratios = {label: payload[key] for label, key in figures.items()}
+    goals = {label: details["goals"][key] for label, key in figures.items()}
+    title = (f"{llm_name(details['llm'])}: field at default S (timed at S={details['sizes']['ssft_samples_train']}, "
+             f"x{field['ssft_run_scale_to_default_s']:.3g}); instance timed on {instance['timed_rows']} rows")
     rows = [10 ** (k / 4) for k in range(12, 33)]  # 1e3 .. 1e8
 
     def cost(left: Any) -> None:
         left.plot(rows, [instance_seconds(r, setup, per_row) for r in rows], label="instance level (ELEC CTR-LLM)")
         left.plot(rows, [field_seconds] * len(rows), label="field level (LLaCTR SSFT + encode)")
-        left.axvline(INSTANCE_SCALED_TO_ROWS, color="grey", linestyle=":", linewidth=1)
+        left.axvline(details["instance_scaled_to_rows"], color="grey", linestyle=":", linewidth=1)
         left.set_xscale("log")
         left.set_yscale("log")
         left.set_xlabel("training rows")
@@ -463,7 +474,7 @@ def plot(path: Path, field_seconds: float, setup: float, per_row: float, ratios:
         left.grid(alpha=0.3, which="both")
         left.legend(fontsize=8)
 
-    two_panel_figure(path, cost, lambda right: ratio_bars(right, ratios, goals, "LLaCTR ratios"))
+    two_panel_figure(png_path, cost, lambda right: ratio_bars(right, ratios, goals, "LLaCTR ratios"))
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -491,6 +502,8 @@ def llactr_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = llactr_parser()
     args = parse_args(NAME, __doc__, argv, parser=parser)
+    if args.replot:
+        return replot_json(args, replot)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     check_llm_option(parser, args.llm)  # before the data and the field-level LLM work
@@ -592,14 +605,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for name, r in per_backbone.items()
     ]
     payload = result_payload(args, figures, details=details, table=table)
-    write_json(args.json, payload)
-    plot(
-        args.plot, field["seconds_at_default_s"], instance["setup_seconds"], instance["per_row_seconds"],
-        {"train": train_ratio, "serve": serve_ratio, "LLM cost": llm_ratio},
-        {"train": GOAL_TRAIN, "serve": GOAL_SERVE, "LLM cost": GOAL_LLM_COST},
-        f"{llm_name(llm_path)}: field at default S (timed at S={sizes.ssft_samples_train}, "
-        f"x{field['ssft_run_scale_to_default_s']:.3g}); instance timed on {instance['timed_rows']} rows",
-    )
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     if args.mode != "smoke":
         for key, goal, higher in ((k, details["goals"][k], True) for k in figures):

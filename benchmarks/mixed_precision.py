@@ -41,7 +41,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,12 +56,13 @@ from benchmarks.common import (  # noqa: E402
     phase_round_bars,
     print_summary,
     ratio_bars,
+    replot_json,
     result_payload,
     run_main,
     single_rank_context,
     two_panel_figure,
     value_bars,
-    write_json,
+    write_result,
 )
 from benchmarks.table_dtype import SERVE_SIZES, serve_comparison  # noqa: E402
 from benchmarks.train_throughput import (  # noqa: E402
@@ -120,9 +121,9 @@ def accuracy_runs(work_dir: str, sizes: AccuracySizes, seed: int, device: str) -
     return runs
 
 
-def plot(path: Path, payload: Dict[str, Any]) -> None:
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
     """The PNG of a result ``payload``: DLRM_DCN training and serving samples/s per precision (median, bars min-max
-    of rounds) and the ratios and AUC of bf16 vs fp32. Drawn from the JSON alone."""
+    of rounds) and the ratios and AUC of bf16 vs fp32. Drawn from the JSON alone, by a run and by ``--replot``."""
     details = payload["details"]
     sizes = details["sizes"]
     bars, spans = phase_round_bars({"train": details["samples_per_second_rounds"],
@@ -133,7 +134,7 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
               "DeepFM run\ntraining\nsamples/s": payload["runner_ratio_bf16_vs_fp32"],
               "DeepFM\ntest AUC": accuracy["bf16"]["test_auc"] / accuracy["fp32"]["test_auc"]}
     two_panel_figure(
-        path,
+        png_path,
         lambda left: value_bars(
             left, bars, ylabel="samples/s: median, bars min-max of rounds", log=True, errors=spans,
             title=f"DLRM_DCN {sizes['num_tables']}x{sizes['rows_per_table']}x{sizes['embedding_dim']}, batch "
@@ -144,6 +145,8 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv)
+    if args.replot:
+        return replot_json(args, replot)
     sizes = SIZES[args.mode]
 
     import torch
@@ -212,8 +215,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             "test AUC": round(accuracy[name]["test_auc"], 4), "test LogLoss": round(accuracy[name]["test_logloss"], 4)}
            for name in PRECISIONS],
     )
-    write_json(args.json, payload)
-    plot(args.plot, payload)
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     teardown_distributed()
     return payload

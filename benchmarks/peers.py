@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
     import torch
@@ -89,11 +89,12 @@ from benchmarks.common import (  # noqa: E402
     parse_args,
     per_round_ratios,
     print_summary,
+    replot_json,
     result_payload,
     run_main,
     single_rank_context,
     two_panel_figure,
-    write_json,
+    write_result,
 )
 
 NAME = "peers"
@@ -457,8 +458,11 @@ def run_scale(scale: TableScale, sizes: Sizes, python: Path, device, seed: int,
 
 
 # ---- plot ---------------------------------------------------------------------------------------
-def plot(path: Path, results: Dict[str, Dict[str, Any]], title: str) -> None:
-    """Left: best training samples/s per contender and table scale. Right: test AUC, same bars."""
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
+    """The PNG of a result ``payload`` (as its JSON holds it). Left: best training samples/s per contender and
+    table scale. Right: test AUC, same bars. A run and ``--replot`` both draw it."""
+    results, sizes = payload["details"]["by_tables"], payload["details"]["sizes"]
+    title = f"DeepFM D={sizes['embedding_dim']} MLP {list(sizes['mlp_layer_sizes'])}, batch {sizes['batch_size']}"
     names = list(results)
 
     def bars(axis: Any, value: Callable[[Dict[str, Any], str], float], label: str, fmt: str) -> None:
@@ -486,7 +490,7 @@ def plot(path: Path, results: Dict[str, Dict[str, Any]], title: str) -> None:
         axis.set_ylim(max(0.0, low - 0.05), 1.0)
         axis.set_title("test AUC after the last epoch", fontsize=9)
 
-    two_panel_figure(path, throughput, auc)
+    two_panel_figure(png_path, throughput, auc)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -495,6 +499,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--peer-python", default=None,
                         help="Python of the DeepCTR-Torch venv (default: $PEER_VENV/bin/python or .venv-peers/bin/python)")
     args = parse_args(NAME, __doc__, argv, parser=parser)
+    if args.replot:
+        return replot_json(args, replot)
     sizes = SIZES[args.mode]
     if args.peer_python is not None and not os.path.isfile(args.peer_python):  # a typo, not a peer not installed
         parser.error(f"--peer-python {args.peer_python}: no such file; expected the Python of a venv with torch, "
@@ -549,8 +555,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for name, result in results.items() for contender in CONTENDERS
     ]
     payload = result_payload(args, figures, details=details, table=table)
-    write_json(args.json, payload)
-    plot(args.plot, results, f"DeepFM D={sizes.embedding_dim} MLP {list(sizes.mlp_layer_sizes)}, batch {sizes.batch_size}")
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     if args.mode != "smoke" and figures["train_speedup_vs_deepctr_torch"] < GOAL_SPEEDUP:
         print(f"[{NAME}] train_speedup_vs_deepctr_torch={figures['train_speedup_vs_deepctr_torch']:.3g} below the "

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     model_config,
     parse_args,
     print_summary,
+    replot_json,
     resolve_device,
     result_payload,
     run_main,
@@ -72,7 +73,7 @@ from benchmarks.common import (  # noqa: E402
     shard_for_training,
     train_split_batches,
     two_panel_figure,
-    write_json,
+    write_result,
 )
 
 NAME = "scaling"
@@ -577,8 +578,11 @@ def batch_curve(sizes: Sizes, schema, device, seed: int, work_dir: str) -> Dict[
 
 
 # ---- plot ---------------------------------------------------------------------------------------------
-def plot(path: Path, rows: Dict[str, Any], tables: Dict[str, Any], batch: Dict[str, Any]) -> None:
-    """Left: rows/tables samples/s and peak RSS relative to their smallest size. Right: batch curve."""
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
+    """The PNG of a result ``payload`` (as its JSON holds it). Left: rows/tables samples/s and peak RSS relative to
+    their smallest size. Right: batch curve. A run and ``--replot`` both draw it."""
+    details = payload["details"]
+    rows, tables, batch = details["rows"], details["tables"], details["batch"]
 
     def relative(values: Dict[Any, float]) -> Tuple[List[float], List[float]]:
         keys = list(values)
@@ -614,12 +618,14 @@ def plot(path: Path, rows: Dict[str, Any], tables: Dict[str, Any], batch: Dict[s
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
 
-    two_panel_figure(path, growth, batches)
+    two_panel_figure(png_path, growth, batches)
 
 
 # ---- main -----------------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv)
+    if args.replot:
+        return replot_json(args, replot)
     sizes = SIZES[args.mode]
 
     from recsys_llm.train.distributed import init_distributed, teardown_distributed
@@ -686,8 +692,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     payload["batch_samples_per_second"] = {"train": batch["train"], "inference": batch["inference"]}
     payload["batch_samples_per_second_by_method"] = batch["by_method"]
     payload["batch_samples_per_second_by_backbone"] = batch["by_backbone"]
-    write_json(args.json, payload)
-    plot(args.plot, rows, tables, batch)
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     teardown_distributed()
     return payload

@@ -46,7 +46,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,13 +62,14 @@ from benchmarks.common import (  # noqa: E402
     phase_round_bars,
     print_summary,
     ratio_bars,
+    replot_json,
     result_payload,
     run_main,
     samples_per_second,
     single_rank_context,
     two_panel_figure,
     value_bars,
-    write_json,
+    write_result,
 )
 from benchmarks.train_throughput import (  # noqa: E402
     LEARNING_RATES,
@@ -233,9 +234,10 @@ def serve_comparison(model: Any, schema: Any, sizes: Sizes, serve_sizes: ServeSi
         }
 
 
-def plot(path: Path, payload: Dict[str, Any]) -> None:
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
     """The PNG of a result ``payload``: samples/s of the five contenders (train FP32 / FP16, serve FP32 / INT8 /
-    INT4; median, bars min-max of rounds) and the ratios to FP32 tables. Drawn from the JSON alone."""
+    INT4; median, bars min-max of rounds) and the ratios to FP32 tables. Drawn from the JSON alone, by a run and
+    by ``--replot``."""
     details, serve = payload["details"], payload["details"]["serve"]
     sizes = details["sizes"]
     bars, spans = phase_round_bars({"train": details["samples_per_second_rounds"],
@@ -247,7 +249,7 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
                        f"tables\nin mem.\n{name}": serve[f"table_bytes_ratio_{name}_vs_fp32"],
                        f"artifact\nbytes\n{name}": payload[f"artifact_bytes_ratio_{name}_vs_fp32"]})
     two_panel_figure(
-        path,
+        png_path,
         lambda left: value_bars(
             left, bars, ylabel="samples/s: median, bars min-max of rounds", log=True, errors=spans,
             title=f"DLRM_DCN {sizes['num_tables']}x{sizes['rows_per_table']}x{sizes['embedding_dim']}, batch "
@@ -259,6 +261,8 @@ def plot(path: Path, payload: Dict[str, Any]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv)
+    if args.replot:
+        return replot_json(args, replot)
     sizes = SIZES[args.mode]
 
     import torch
@@ -329,8 +333,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             "table weights (MB)": round(served_bytes[name.split("_")[0]] / 2**20, 2),
             "model.safetensors (MB)": round(artifact_bytes[name.split("_")[0]] / 2**20, 2)} for name in serve_medians],
     )
-    write_json(args.json, payload)
-    plot(args.plot, payload)
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     teardown_distributed()
     return payload

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is first used
     import torch
@@ -71,13 +71,14 @@ from benchmarks.common import (  # noqa: E402
     parse_args,
     print_summary,
     ratio_bars,
+    replot_json,
     result_payload,
     run_main,
     single_rank_context,
     timed_steps,
     two_panel_figure,
     value_bars,
-    write_json,
+    write_result,
 )
 
 NAME = "train_throughput"
@@ -371,9 +372,32 @@ def reader_alone(batches: Iterator, sizes: Sizes) -> Callable[[], float]:
     return lambda: sizes.batch_size / timed_steps(lambda: next(batches), sizes.warmup_steps, sizes.measured_steps)
 
 
+# ---- plot ---------------------------------------------------------------------------------------
+def replot(payload: Mapping[str, Any], png_path: Path) -> None:
+    """The PNG of a result ``payload`` (as its JSON holds it): samples/s of every contender (median, bars min-max
+    of rounds; log) and the JSON's ``ratio_*`` figures with the goal. A run and ``--replot`` both draw it."""
+    details = payload["details"]
+    rounds, sizes = details["samples_per_second_rounds"], details["sizes"]
+    figures = {key: value for key, value in payload.items() if key.startswith("ratio_")}
+    two_panel_figure(
+        png_path,
+        lambda left: value_bars(
+            left, {name: median(values) for name, values in rounds.items()},
+            ylabel="samples/s: median, bars min-max of rounds (log)",
+            title=f"DLRM_DCN {sizes['num_tables']}x{sizes['rows_per_table']}x{sizes['embedding_dim']}, batch "
+                  f"{sizes['batch_size']}; {payload['device']}, {payload['mode']}",
+            errors={name: (min(values), max(values)) for name, values in rounds.items()}, log=True),
+        lambda right: ratio_bars(right, {_ratio_label(key): value for key, value in figures.items()},
+                                 {_ratio_label("ratio_vs_torchrec_loop"): details["goal_ratio_vs_torchrec_loop"]},
+                                 "ratios of the best rounds (the JSON's headline figures)"),
+    )
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(NAME, __doc__, argv)
+    if args.replot:
+        return replot_json(args, replot)
     sizes = SIZES[args.mode]
 
     import torch
@@ -469,19 +493,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         details=details,
         table=table,
     )
-    write_json(args.json, payload)
-    figures = {key: value for key, value in payload.items() if key.startswith("ratio_")}
-    two_panel_figure(
-        args.plot,
-        lambda left: value_bars(
-            left, medians, ylabel="samples/s: median, bars min-max of rounds (log)",
-            title=f"DLRM_DCN {sizes.num_tables}x{sizes.rows_per_table}x{sizes.embedding_dim}, batch "
-                  f"{sizes.batch_size}; {context.device.type}, {args.mode}",
-            errors={name: (min(values), max(values)) for name, values in rounds.items()}, log=True),
-        lambda right: ratio_bars(right, {_ratio_label(key): value for key, value in figures.items()},
-                                 {_ratio_label("ratio_vs_torchrec_loop"): GOAL_RATIO_VS_TORCHREC_LOOP},
-                                 "ratios of the best rounds (the JSON's headline figures)"),
-    )
+    write_result(args, payload, replot)
     print_summary(NAME, payload)
     if args.mode != "smoke" and payload["ratio_vs_torchrec_loop"] < GOAL_RATIO_VS_TORCHREC_LOOP:
         print(f"[{NAME}] below the goal {GOAL_RATIO_VS_TORCHREC_LOOP}: per-round ratios {vs_loop}; "
