@@ -753,3 +753,19 @@ def test_an_empty_job_name_is_each_components_default() -> None:
     assert from_cli("train", ["--config", "c.yaml", "--job_name", ""]).name == from_cli("train", ["--config",
                                                                                                "c.yaml"]).name
     assert load("train")("c.yaml", job_name="").name == "train"  # torchx keeps the {run} part as the app's name
+
+
+@pytest.mark.parametrize("name, first", [("train", ["--config", "c.yaml"]), ("trained", ["--job", "evaluate",
+                         "--checkpoint", "runs/x"]), ("encode", ["--job", "export"])])
+def test_static_rendezvous_node_rank_is_expanded_on_aws_batch(name: str, first: List[str], tmp_path: Path) -> None:
+    """AWS Batch fills ${replica_id} with ``$AWS_BATCH_JOB_NODE_INDEX``, which dist.ddp's single quotes kept from
+    bash: every node's torchrun got that text as --node_rank and stopped at once (invalid int value)."""
+    app = from_cli(name, [*first, "--nnodes", "2", "--rdzv_backend", "static"])
+    fake = tmp_path / "torchrun"  # prints the node rank torchrun would get
+    fake.write_text('#!/bin/bash\nwhile [ $# -gt 0 ]; do [ "$1" = --node_rank ] && echo "$2"; shift; done\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "AWS_BATCH_JOB_NODE_INDEX": "1"}
+    for replica_id, expected in (("$AWS_BATCH_JOB_NODE_INDEX", "1"), ("0", "0"), ("1", "1")):  # aws_batch, the others
+        role = macros.Values(img_root="", app_id="a", replica_id=replica_id, rank0_env="RANK0").apply(app.roles[0])
+        done = subprocess.run([role.entrypoint, *role.args], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected, (name, replica_id, done.stdout)

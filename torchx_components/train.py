@@ -138,4 +138,11 @@ def train(
     # the role name must be [a-z0-9]+: on kubernetes replicas 1.. reach rank 0 through ${VC_<ROLE>_0_HOSTS}, which
     # torchx spells with the role name as it is and Volcano with '-' turned into '_' (a '-' also breaks bash)
     app.roles[0].name = "trainer"
+    if rdzv_backend == "static":
+        # dist.ddp single-quotes --node_rank '${replica_id}', which AWS Batch fills with $AWS_BATCH_JOB_NODE_INDEX:
+        # bash then handed torchrun that text ("invalid int value") on every node; in double quotes bash expands it
+        # (the other schedulers fill in the replica's number)
+        role = app.roles[0]
+        rank = specs.macros.replica_id
+        role.args = [arg.replace(f"--node_rank '{rank}'", f'--node_rank "{rank}"') for arg in role.args]
     return app
