@@ -89,3 +89,46 @@ def test_a_damaged_artifact_is_still_refused(two_exports, tmp_path):
         handle.write(bytes([last[0] ^ 1]))
     with pytest.raises(ValueError, match="damaged"):
         ServedModel.load(served, trust_program=True)
+
+
+def test_loads_in_two_threads_at_once_each_get_their_model(two_exports, monkeypatch):
+    """torch.export.load reads a program with one module-global deserializer (_CURRENT_DESERIALIZER): a second
+    load that began while the first was reading (a reload beside another, artifacts loaded side by side in
+    threads) raised AssertionError("_CURRENT_DESERIALIZER is already set"). Here the first load holds torch's
+    deserializer, at its first tensor, until the second has reached it too (or 1 s has passed, as when loads take
+    turns)."""
+    from torch._export.serde import serialize
+
+    old, old_scores, new, new_scores = two_exports
+    deserializer = serialize.GraphModuleDeserializer
+    real_deserialize, real_tensor_meta = deserializer.deserialize, deserializer.deserialize_tensor_meta
+    second_reading, first, waited = threading.Event(), threading.Lock(), threading.Event()
+
+    def deserialize(self, *args, **kwargs):
+        if not first.acquire(blocking=False):  # the second load
+            second_reading.set()
+        return real_deserialize(self, *args, **kwargs)
+
+    def tensor_meta(self, *args, **kwargs):  # inside the first load's read, while the global names its reader
+        if not waited.is_set():  # once: the first tensor of the first load
+            waited.set()
+            second_reading.wait(timeout=1.0)
+        return real_tensor_meta(self, *args, **kwargs)
+
+    monkeypatch.setattr(deserializer, "deserialize", deserialize)
+    monkeypatch.setattr(deserializer, "deserialize_tensor_meta", tensor_meta)
+    results, errors = {}, []
+
+    def load(directory: str) -> None:
+        try:
+            results[directory] = ServedModel.load(directory, trust_program=True).predict(*request(4, 7))
+        except Exception as error:  # noqa: BLE001 (reported by the assert below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=load, args=(directory,)) for directory in (old, new)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads) and not errors, errors
+    assert torch.equal(results[old], old_scores) and torch.equal(results[new], new_scores)

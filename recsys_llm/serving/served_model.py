@@ -4,6 +4,7 @@ import bisect
 import json
 import math
 import os
+import threading
 import time
 import warnings
 import zipfile
@@ -77,6 +78,11 @@ OPTIONAL_FILE_KEYS = ("semantic_tables", "dense_program")  # null: no such file 
 # loads of a directory that an export swapped meanwhile (a hot reload beside `recsys-llm export` into the same path)
 LOAD_ATTEMPTS = 5
 SWAP_WAIT_S = 0.05  # between the two renames of a swap the directory is missing for a moment
+# torch.export.load keeps the program being read in one module global (torch._export.serde.serialize's
+# _CURRENT_DESERIALIZER): two loads at once in one process (artifacts loaded side by side in threads, a hot reload
+# beside another) raised AssertionError("_CURRENT_DESERIALIZER is already set"), or read one program's tensor
+# metadata with the other's deserializer; loads of programs take turns (requests of loaded models do not wait)
+_PROGRAM_LOAD_LOCK = threading.Lock()
 
 
 def _directory_identity(directory: str) -> Optional[Tuple[int, int]]:
@@ -521,6 +527,8 @@ class ServedModel(nn.Module):
         --output`` replaces the artifact) reads the files of one export: the export swaps the new directory in whole,
         and a load that saw the swap (files of both exports, or the directory missing between the swap's two
         renames) loads again, up to a few times, instead of calling the artifact damaged.
+        Loads in several threads at once take turns reading their dense programs (``torch.export.load`` is not
+        thread-safe); requests to models already loaded do not wait for them.
 
         Warns (UserWarning) when the artifact was exported with another torch, torchrec or
         fbgemm_gpu version (``config.json``: ``versions``).
@@ -633,7 +641,8 @@ class ServedModel(nn.Module):
         check_same_export(config_path, config, program_path, program_export_id)
         _check_digest(directory, config, config["dense_program"])  # after the export id: "mixes two exports" says more
         try:
-            program = torch.export.load(program_path).module()
+            with _PROGRAM_LOAD_LOCK:
+                program = torch.export.load(program_path).module()
         except ARTIFACT_READ_ERRORS as error:
             _raise_damaged(program_path, "cannot be read as a torch.export program", error)
         served = cls(ebc, program, config, semantic)

@@ -318,7 +318,8 @@ def test_only_rank_0_shows_transformers_loading_bar(tmp_path, tiny_schema, tiny_
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
-    env.update(PYTHONPATH=repo, RANK=rank, WORLD_SIZE="2")
+    # bars drawn as on a terminal (in a log, RECSYS_LLM_PROGRESS_LINES on, the bar is left out on every rank)
+    env.update(PYTHONPATH=repo, RANK=rank, WORLD_SIZE="2", RECSYS_LLM_PROGRESS_LINES="0")
     done = subprocess.run([sys.executable, "-m", "recsys_llm.cli", "semantics", "encode", "--schema", tiny_schema.root,
                            "--output", str(tmp_path / "v.safetensors"), "--model", tiny_bert_dir],
                           env=env, capture_output=True, text=True, timeout=300)
