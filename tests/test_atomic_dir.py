@@ -41,8 +41,20 @@ def test_a_directory_of_another_kind_is_refused_and_left_untouched(tmp_path):
         open(os.path.join(tmp, "config.json"), "w").close()
 
 
-def test_the_result_has_the_usual_permissions(tmp_path):
-    umask = os.umask(0o022)
+@pytest.mark.parametrize("parent_mode, umask, directory_mode, file_mode", [
+    (None, 0o022, 0o755, 0o644),
+    # a group-shared parent (set-group-ID, as `chmod g+s` makes it): `os.makedirs` makes directories that keep the
+    # bit; the swapped-in output's chmod to the umask's permissions cleared it, so files written there later (by
+    # another member of the group) took their writer's primary group
+    (0o2775, 0o002, 0o2775, 0o664),
+])
+def test_the_result_has_the_usual_permissions(tmp_path, parent_mode, umask, directory_mode, file_mode):
+    if parent_mode is not None:
+        os.chmod(tmp_path, parent_mode)
+        os.makedirs(tmp_path / "plain")
+        if not (tmp_path / "plain").stat().st_mode & stat.S_ISGID:
+            pytest.skip("this file system does not pass the set-group-ID bit on to new directories")
+    umask = os.umask(umask)
     try:
         with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)) as tmp:
             os.makedirs(os.path.join(tmp, "sub"))
@@ -50,30 +62,9 @@ def test_the_result_has_the_usual_permissions(tmp_path):
             os.close(fd)
     finally:
         os.umask(umask)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
-
-
-def test_a_group_shared_directory_s_setgid_bit_is_kept(tmp_path):
-    """In a group-shared parent (set-group-ID, as `chmod g+s` makes it) `os.makedirs` makes directories that keep the
-    bit; the swapped-in output's chmod to the umask's permissions cleared it, so files written there later (by
-    another member of the group) took their writer's primary group."""
-    os.chmod(tmp_path, 0o2775)
-    umask = os.umask(0o002)
-    try:
-        with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)) as tmp:
-            os.makedirs(os.path.join(tmp, "sub"))
-            fd = os.open(os.path.join(tmp, "a.txt"), os.O_CREAT | os.O_WRONLY, 0o600)  # as mkstemp would
-            os.close(fd)
-    finally:
-        os.umask(umask)
-    os.makedirs(tmp_path / "plain")
-    if not (tmp_path / "plain").stat().st_mode & stat.S_ISGID:
-        pytest.skip("this file system does not pass the set-group-ID bit on to new directories")
-    assert (tmp_path / "out").stat().st_mode & 0o7777 == 0o2775
-    assert (tmp_path / "out" / "sub").stat().st_mode & 0o7777 == 0o2775
-    assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o7777 == 0o664
+    assert (tmp_path / "out").stat().st_mode & 0o7777 == directory_mode
+    assert (tmp_path / "out" / "sub").stat().st_mode & 0o7777 == directory_mode
+    assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o7777 == file_mode
 
 
 def test_another_users_lock_file_this_user_cannot_write_is_locked_read_only(tmp_path, monkeypatch):
