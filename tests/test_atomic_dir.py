@@ -67,6 +67,18 @@ def test_the_result_has_the_usual_permissions(tmp_path, parent_mode, umask, dire
     assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o7777 == file_mode
 
 
+def _refusing_append(monkeypatch, refused) -> None:
+    """``open`` in atomic_dir refusing to append to ``refused`` (root opens any file: the refusal is stood in for)."""
+    from recsys_llm import atomic_dir
+
+    def no_append(path, mode="r", *args, **kwargs):
+        if str(path) == str(refused) and "a" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_dir, "open", no_append, raising=False)
+
+
 def test_another_users_lock_file_this_user_cannot_write_is_locked_read_only(tmp_path, monkeypatch):
     """A lock file left by another user under umask 022 (a run's `.lock`, or a killed export's `.<name>.lock`) made
     every resume, export and tune of a group member fail with '[Errno 13] Permission denied: ...lock'. flock(2)
@@ -74,17 +86,10 @@ def test_another_users_lock_file_this_user_cannot_write_is_locked_read_only(tmp_
     so the refusal to open it for appending is stood in for."""
     from recsys_llm import atomic_dir
 
-
     lock = tmp_path / ".out.lock"
     lock.write_text("")
     lock.chmod(0o644)
-
-    def no_append(path, mode="r", *args, **kwargs):
-        if str(path) == str(lock) and "a" in mode:
-            raise PermissionError(13, "Permission denied", str(path))
-        return builtins.open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(atomic_dir, "open", no_append, raising=False)
+    _refusing_append(monkeypatch, lock)
     held = atomic_dir.try_lock(str(lock))
     assert held is not None
     assert atomic_dir.try_lock(str(lock)) is None  # held: a second writer is refused
@@ -572,3 +577,81 @@ def test_a_failed_rename_of_the_new_copy_puts_the_previous_one_back(tmp_path, mo
     with atomic_directory(target, "output", ("a.txt",)) as tmp:
         _write(tmp, "a.txt", "third")
     assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "third"
+
+
+def test_temp_directories_of_several_killed_runs_are_named_together(tmp_path, capsys) -> None:
+    for name in (".out.k1ll3d", ".out.k2ll3d"):
+        (tmp_path / name).mkdir()
+    with atomic_directory(str(tmp_path / "out"), "export", ["config.json"]) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as handle:
+            handle.write("{}")
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: .out.k1ll3d, .out.k2ll3d left by an earlier export of {tmp_path / 'out'} that was killed; " \
+           "delete them\n" in err
+
+
+def test_a_lock_file_that_cannot_be_made_is_the_opens_own_error(tmp_path, monkeypatch):
+    """No lock file to fall back on in a directory this user cannot write: the PermissionError of the open, not a
+    FileNotFoundError of a read-only open."""
+    from recsys_llm import atomic_dir
+
+    lock = tmp_path / ".out.lock"
+    _refusing_append(monkeypatch, lock)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        atomic_dir.try_lock(str(lock))
+    assert not lock.exists()
+
+
+def test_another_users_lock_file_on_nfs_that_cannot_be_locked_read_only_is_named(tmp_path, monkeypatch):
+    """An NFS client emulates flock(2) with byte-range locks, which refuse a file opened for reading (EBADF): the
+    error names the other user's lock file and who may delete it, not 'Bad file descriptor'."""
+    import errno
+
+    from recsys_llm import atomic_dir
+
+    lock = tmp_path / ".out.lock"
+    lock.write_text("")
+    _refusing_append(monkeypatch, lock)
+
+    def flock(handle, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(atomic_dir.fcntl, "flock", flock)
+    with pytest.raises(PermissionError, match="another user's lock file, which this user can neither write nor lock "
+                                              "here; its owner .* may delete it"):
+        atomic_dir.try_lock(str(lock))
+
+
+def test_a_lock_file_this_user_cannot_remove_is_left_unlocked(tmp_path, monkeypatch):
+    """Another user's lock file in a sticky directory cannot be removed at the block's end: it is left there, and
+    closed, so the next job locks it."""
+    from recsys_llm import atomic_dir
+
+    lock = tmp_path / ".out.lock"
+    remove = os.remove
+
+    def no_remove(path, *args, **kwargs):
+        if str(path) == str(lock):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", no_remove)
+    with atomic_dir.file_locked(str(lock), "held"):
+        pass
+    assert lock.is_file()
+    handle = atomic_dir.try_lock(str(lock))
+    assert handle is not None  # not held any more
+    handle.close()
+
+
+def test_a_files_set_group_id_bit_is_not_kept(tmp_path):
+    """Only a directory keeps its set-group-ID bit through the chmod to the umask's permissions: a file's is cleared
+    as os.makedirs' and open's permissions would have it."""
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(str(tmp_path / "out"), "output", ("a.txt",)) as tmp:
+            _write(tmp, "a.txt", "x")
+            os.chmod(os.path.join(tmp, "a.txt"), 0o2644)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out" / "a.txt").stat().st_mode & 0o7777 == 0o644

@@ -904,3 +904,4 @@ def test_ratio_bars_name_a_dashed_goal_only_where_one_is_drawn() -> None:
         if goals:  # the value above the goal's dash, not struck through by it
             (train_value,) = [text for text in axis.texts if text.get_text() == "0.8"]
             assert train_value.xy[1] == 0.9
+        assert axis.margins()[1] == 0.15  # room above the tallest bar for its value

@@ -136,3 +136,30 @@ def test_replot_imports_no_torch(tmp_path: Path) -> None:
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]" and json_path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_replot_refuses_a_plot_directory_and_a_json_that_is_no_result_object(tmp_path: Path, capsys) -> None:
+    from benchmarks import peers
+
+    json_path = _copy("peers.json", tmp_path)
+    (tmp_path / "figures").mkdir()
+    with pytest.raises(SystemExit):
+        peers.main(["--replot", str(json_path), "--plot", str(tmp_path / "figures")])
+    assert "--plot" in (err := capsys.readouterr().err) and "is a directory" in err
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(SystemExit) as stopped:
+        peers.main(["--replot", str(listed)])
+    assert f"--replot {listed}: not a result (a JSON object)" in str(stopped.value.code)
+    assert not listed.with_suffix(".png").exists()
+
+
+def test_only_rank_0_draws(tmp_path: Path, monkeypatch) -> None:
+    """The ranks of a run under torchrun all reach write_result: one PNG is drawn, by rank 0."""
+    drawn = []
+    monkeypatch.setattr(common, "is_rank_zero", lambda: False)
+    common.replot_payload(lambda payload, path: drawn.append(path), {"benchmark": "x"}, tmp_path / "x.png", "x.json")
+    assert drawn == []
+    monkeypatch.setattr(common, "is_rank_zero", lambda: True)
+    common.replot_payload(lambda payload, path: drawn.append(path), {"benchmark": "x"}, tmp_path / "x.png", "x.json")
+    assert drawn == [tmp_path / "x.png"]

@@ -1169,3 +1169,17 @@ def test_another_jobs_lock_exits_to_try_again_not_as_bad_input(tmp_path, capsys)
         held.close()
     assert "another prepared data set is writing it" in capsys.readouterr().err
     assert main(["prepare", "synthetic", "--out", out, "--rows", "10"]) == 0  # once it has ended
+
+
+@pytest.mark.parametrize("value, on", [("off", False), (" OFF ", False), ("yes\n", True), (" on", True)])
+def test_on_off_words_are_read_in_any_case_and_spacing(monkeypatch, value, on) -> None:
+    from recsys_llm.progress import env_flag
+
+    monkeypatch.setenv("RECSYS_LLM_PROGRESS_LINES", value)
+    assert env_flag("RECSYS_LLM_PROGRESS_LINES") is on
+
+
+def test_a_traceback_variable_of_neither_value_asks_for_no_traceback(monkeypatch) -> None:
+    """``main`` refuses it at its start; read elsewhere before (a warning's format, a benchmark's Ctrl-C) it is off."""
+    monkeypatch.setenv("RECSYS_LLM_TRACEBACK", "full")
+    assert traceback_asked() is False

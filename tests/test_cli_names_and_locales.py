@@ -82,6 +82,9 @@ def test_an_argument_a_latin1_locale_read_as_other_characters_is_refused(tmp_pat
     assert cli._undecodable_argument(argparse.Namespace(out="data/" + misread, overrides=[])) == "data/Zürich"
     # text that is no UTF-8 in the locale's bytes is the locale's own (a Latin-1 name typed under a Latin-1 locale)
     assert cli._undecodable_argument(argparse.Namespace(out="data/Zürich", overrides=[])) is None
+    # the locale's own text in one argument leaves the next one checked
+    assert cli._undecodable_argument(argparse.Namespace(data="data/Zürich", out="data/" + misread,
+                                                        overrides=[])) == "data/Zürich"
     assert cli._undecodable_argument(argparse.Namespace(out="data/plain", overrides=[])) is None
     csv, schema = _inputs(tmp_path)
     out = str(tmp_path / "data") + "/" + misread

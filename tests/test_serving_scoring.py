@@ -534,3 +534,53 @@ def test_the_cold_item_column_of_the_run_is_the_one_scored(exported: Dict[str, s
     assert cli_main(["score", "--artifact", exported["artifact"], "--data", exported["data"], "--split", "test",
                      "--trust-program", "--no-progress", "--cold-item-column", ""]) == 0
     assert "cold/auc" not in json.loads(capsys.readouterr().out)
+
+
+def _stamped(path, stamp: str) -> None:
+    table = pa.table({"logit": pa.array([0.5], pa.float32())})
+    pq.write_table(table.replace_schema_metadata({SCORES_STAMP_KEY: stamp.encode("utf-8")}), str(path))
+
+
+def test_only_this_commands_own_earlier_scores_are_replaced(tmp_path) -> None:
+    """A stamped scores file passes the check before the artifact is loaded (no stamp yet) without being taken as
+    this command's own; with the stamp it is replaced where the stamps agree, refused where they differ; a link to
+    such a file is no scores file of this command's."""
+    from recsys_llm.serving.scoring import check_scores_output
+
+    output = tmp_path / "scores.parquet"
+    _stamped(output, '{"export_id": "a"}')
+    assert check_scores_output(str(output)) is False
+    assert check_scores_output(str(output), '{"export_id": "a"}') is True
+    with pytest.raises(FileExistsError, match=r"exists \(the scores of another artifact or other data\)"):
+        check_scores_output(str(output), '{"export_id": "b"}')
+    link = tmp_path / "link.parquet"
+    link.symlink_to(output)
+    with pytest.raises(FileExistsError, match=r"link\.parquet: exists; the scores are written to a new file"):
+        check_scores_output(str(link), '{"export_id": "a"}')
+
+
+def test_the_scores_stamp_names_the_export_and_the_splits_rows(exported: Dict[str, str]) -> None:
+    """Other rows behind the same split name (the data prepared again) are other data: the stamp holds the split's
+    fingerprint, not its name."""
+    from recsys_llm.data.parquet_files import split_fingerprint
+    from recsys_llm.serving.scoring import scores_stamp
+
+    schema = DatasetSchema.load(exported["data"])
+    served = ServedModel.load(exported["artifact"], trust_program=True)
+    assert json.loads(scores_stamp(served, schema, "test")) == {"export_id": served.export_id,
+                                                                 "split": split_fingerprint(schema, "test")}
+
+
+def test_an_existing_output_that_cannot_be_read_is_refused_as_existing(tmp_path, monkeypatch) -> None:
+    """A file whose metadata cannot be read (another user's, unreadable) is no scores file of this command's."""
+    from recsys_llm.serving import scoring
+
+    output = tmp_path / "scores.parquet"
+    _stamped(output, '{"export_id": "a"}')
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(scoring.pq, "read_schema", unreadable)
+    with pytest.raises(FileExistsError, match=r"scores\.parquet: exists; the scores are written to a new file"):
+        scoring.check_scores_output(str(output), '{"export_id": "a"}')

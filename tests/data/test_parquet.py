@@ -608,3 +608,18 @@ def test_a_directory_of_hive_partitions_alone_is_refused_as_such(tmp_path) -> No
         pq.write_table(pa.table({"x": [1]}), tmp_path / day / "part-0.parquet")
     with pytest.raises(DataError, match=r"Hive-style partition directories \['dt=2026-12-01', 'dt=2026-12-02'\]"):
         parquet_files(str(tmp_path))
+
+
+def test_a_splits_fingerprint_is_the_same_for_a_copy_and_for_its_file_named_by_path(tmp_path) -> None:
+    """The fingerprint names the split's files relative to the split itself: a copy of the data elsewhere, or the
+    split's file passed by its path (``score --split data/test.parquet``), gives the same fingerprint."""
+    from recsys_llm.data.parquet_files import split_fingerprint
+
+    fingerprints = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table({"item_id": pa.array(range(10), pa.int64())}), str(tmp_path / name / "train.parquet"))
+        schema = DatasetSchema(name="toy", fields=[FieldSpec("item_id", cardinality=10)],
+                               splits={"train": "train.parquet"}, root=str(tmp_path / name))
+        fingerprints += [split_fingerprint(schema, "train"), split_fingerprint(schema, schema.split_path("train"))]
+    assert len(set(fingerprints)) == 1, fingerprints

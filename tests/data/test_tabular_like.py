@@ -929,3 +929,17 @@ def test_a_raw_request_needs_the_artifacts_dense_field_names(earlier: Dict[str, 
     with pytest.raises(ValueError, match=r"raw_request: this artifact does not record which fields its 1 dense "
                                          r"features are \(config.json: dense_feature_names"):
         served.raw_request(NEW)
+
+
+def test_an_earlier_days_vocabulary_is_checked_only_against_a_reference_that_holds_it_as_a_vocabulary(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """A reference whose ids of a field are no vocabulary (recorded another way) cannot vouch for the earlier day's
+    ids of that field: it stays refused, the other passes."""
+    old = DatasetSchema.load(earlier["data"])
+    grown_dir = str(tmp_path / "day2")
+    prepare_tabular_like(_csv(tmp_path / "day2.csv", dict(GROWING, clicked=[0, 1, 1, 0, 1])), earlier["data"],
+                         grown_dir, split_name="train", grow_vocabulary=True)
+    reference = DatasetSchema.load(grown_dir)
+    recorded = reference.vocabulary_records()
+    reference.ids = {name: way for name, way in reference.ids.items() if name != "city"}
+    assert old.changed_vocabularies(recorded, reference) == ["city"]

@@ -614,3 +614,22 @@ def test_transformers_loading_bar_is_left_out_of_a_log_and_put_back(tiny_bert_di
     load_model(tiny_bert_dir, torch.device("cpu"), torch.float32)
     assert ("Loading weights" in capfd.readouterr().err) is (lines == "0")
     assert transformers_logging.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize("lines", ["1", "maybe"])
+def test_transformers_loading_bar_turned_off_by_its_user_stays_off(monkeypatch, lines) -> None:
+    """The bar is put back only where it was on: a caller's disable_progress_bar() holds after a load; a
+    RECSYS_LLM_PROGRESS_LINES of no on/off word (refused by the commands) leaves the bar as a terminal has it."""
+    from transformers.utils import logging as transformers_logging
+
+    from recsys_llm.semantics.model_loading import _progress_to_a_log, _transformers_errors_only
+
+    monkeypatch.setenv("RECSYS_LLM_PROGRESS_LINES", lines)
+    assert _progress_to_a_log() is (lines == "1")
+    transformers_logging.disable_progress_bar()
+    try:
+        with _transformers_errors_only():
+            assert not transformers_logging.is_progress_bar_enabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()

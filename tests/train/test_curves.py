@@ -253,3 +253,58 @@ def test_the_title_names_the_model_and_the_data(tmp_path, monkeypatch) -> None:
     (tmp_path / "config.yaml").write_text(": not yaml [", encoding="utf-8")
     axes = _drawn(tmp_path, monkeypatch, RECORDS)
     assert axes[0].figure.get_suptitle() == tmp_path.name
+
+
+def test_every_curve_breaks_at_its_non_finite_values_and_each_is_marked(tmp_path, monkeypatch) -> None:
+    """The epoch means, the validation LogLoss and the training-window AUC break at a null as the training loss does,
+    and every step without a finite value is crossed, not only the first."""
+    import math
+
+    records = [{"event": "train", "global_step": 50, "loss": 0.7}, {"event": "train", "global_step": 100, "loss": None},
+               {"event": "train", "global_step": 150, "loss": 0.6},
+               {"event": "epoch", "global_step": 60, "mean_loss": 0.7}, {"event": "epoch", "global_step": 120,
+                                                                          "mean_loss": None},
+               {"event": "epoch", "global_step": 180, "mean_loss": 0.6},
+               {"event": "valid", "global_step": 60, "auc": 0.6, "logloss": 0.6},
+               {"event": "valid", "global_step": 120, "auc": 0.6, "logloss": None},
+               {"event": "valid", "global_step": 180, "auc": 0.7, "logloss": 0.5},
+               {"event": "train_window", "global_step": 50, "auc": 0.6},
+               {"event": "train_window", "global_step": 100, "auc": None},
+               {"event": "train_window", "global_step": 150, "auc": 0.7}]
+    loss_axis, auc_axis = _drawn(tmp_path, monkeypatch, records)
+    lines = {line.get_label(): line for axis in (loss_axis, auc_axis) for line in axis.get_lines()}
+    for label, steps in (("epoch mean loss", [60, 120, 180]), ("validation LogLoss", [60, 120, 180]),
+                         ("training AUC, torchrec window", [50, 100, 150])):
+        assert list(lines[label].get_xdata()) == steps, label
+        assert math.isnan(lines[label].get_ydata()[1]), label
+    assert list(lines["no finite loss (NaN / inf / null)"].get_xdata()) == [100, 120]
+    assert list(lines["no finite AUC (NaN / inf / null)"].get_xdata()) == [100]
+
+
+def test_a_value_the_record_lacks_or_a_bool_is_no_gap(tmp_path, monkeypatch) -> None:
+    """A validation record without a LogLoss (one of a single class writes its AUC as null alone) and a bool are
+    not values that went non-finite: nothing is crossed for them."""
+    records = RECORDS + [{"event": "train", "global_step": 200, "epoch": 2, "loss": True}]
+    loss_axis, _ = _drawn(tmp_path, monkeypatch, records)
+    assert "no finite loss (NaN / inf / null)" not in [line.get_label() for line in loss_axis.get_lines()]
+
+
+def test_the_loss_panel_is_on_a_log_scale_from_a_span_of_20x_over_all_its_curves(tmp_path, monkeypatch) -> None:
+    """10x stays linear, 20x (by the validation LogLoss alone) is logarithmic; a zero loss, which a log scale cannot
+    show, keeps it linear."""
+    def scale(train_losses, logloss):
+        records = [{"event": "train", "global_step": 50 * (i + 1), "loss": loss} for i, loss in enumerate(train_losses)]
+        records.append({"event": "valid", "global_step": 100, "auc": 0.6, "logloss": logloss})
+        loss_axis, _ = _drawn(tmp_path, monkeypatch, records)
+        return loss_axis.get_yscale()
+
+    assert scale([5.0, 0.5], 0.5) == "linear"
+    assert scale([0.5, 0.5], 10.0) == "log"
+    assert scale([10.0, 0.5], 0.5) == "log"
+    assert scale([10.0, 0.0], 0.5) == "linear"
+
+
+def test_a_config_yaml_that_is_no_mapping_leaves_the_title_the_run_directory(tmp_path, monkeypatch) -> None:
+    (tmp_path / "config.yaml").write_text("- dcnv2\n- ml100k\n", encoding="utf-8")
+    axes = _drawn(tmp_path, monkeypatch, RECORDS)
+    assert axes[0].figure.get_suptitle() == tmp_path.name
