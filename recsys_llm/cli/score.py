@@ -63,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--split", default="test",
                        help="split name of the schema, or a Parquet file or directory of its columns")
     score.add_argument("--output", default=None,
-                       help="a new Parquet file for each row's row key, label, logit and probability (default, or '': "
-                            "none, metrics only); files without the label column are scored without metrics")
+                       help="a new Parquet file for each row's row key, label, logit and probability (or the one "
+                            "this command wrote before, which it replaces; default, or '': none, metrics only); files "
+                            "without the label column are scored without metrics")
     score.add_argument("--batch-size", type=integer_at_least(1), default=8192, help="rows per call of the artifact")
     score.add_argument("--cold-item-column", default=None,
                        help="the 0/1 extra column marking cold items, for the cold/... metrics (the run's "
