@@ -7,12 +7,13 @@ directory) are reused, so an interrupted table resumes where it stopped.
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -506,6 +507,98 @@ def write_outputs(out_dir: str, name: str, payload: Dict, markdown: str) -> None
     print(markdown)
 
 
+def write_table(out_dir: str, name: str, payload: Dict, markdown: str) -> None:
+    """:func:`write_outputs`, then ``<name>.png`` drawn by :func:`draw_table` from the JSON just written, as
+    :mod:`experiments.replot` draws it again later: a run and a replot give the same figure."""
+    write_outputs(out_dir, name, payload, markdown)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    with open(json_path, encoding="utf-8") as handle:
+        draw_table(os.path.join(out_dir, f"{name}.png"), json.load(handle), json_path)
+
+
+def draw_table(png_path: str, payload: Mapping[str, Any], source: str) -> None:
+    """Draws the PNG of a table JSON's ``payload`` (read from ``source``) with :func:`plot_auc`: the tables and the
+    title are those of ``table_figure`` in the ``experiments.<name>`` that its ``command`` names.
+
+    Raises:
+        SystemExit: ``payload`` is no experiment table (a demo's results, say) or lacks a key the plot needs; the
+            message names ``source`` and the key.
+    """
+    for key in ("table", "command"):
+        if key not in payload:
+            raise SystemExit(f"{source}: no key '{key}': not a table of experiments/ (a demo's demo_results.json "
+                             "has its own plot, drawn by `recsys-llm demo`); skipped")
+    words = str(payload["command"]).split()
+    module = words[2] if len(words) > 2 and words[:2] == ["python", "-m"] else ""
+    try:
+        table_figure = importlib.import_module(module).table_figure if module.startswith("experiments.") else None
+    except (ImportError, AttributeError):
+        table_figure = None
+    if table_figure is None:
+        raise SystemExit(f"{source}: its 'command' ({payload['command']!r}) names no experiment that draws a table")
+    tables, title = table_figure(payload, source)
+    plot_auc(png_path, tables, title)
+
+
+def table_key(payload: Mapping[str, Any], path: str, source: str) -> Any:
+    """``payload``'s value at the dotted ``path`` (``table.fm.plain.auc``).
+
+    Raises:
+        SystemExit: naming ``source`` and the missing key (a JSON of an older version of the script).
+    """
+    value: Any = payload
+    for key in path.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            raise SystemExit(f"{source}: no key '{path}', which the plot needs (written by an older version of "
+                             "the experiment); rerun the experiment to draw it")
+        value = value[key]
+    return value
+
+
+def table_backbones(payload: Mapping[str, Any], source: str) -> List[str]:
+    """The backbones of ``payload['table']`` in the order the run built it, which the JSON's sorted keys lost: as
+    ``backbones_done`` lists them, else as the ``--backbones`` of ``command`` (else :data:`BACKBONES`) do.
+
+    Raises:
+        SystemExit: no ``table`` (see :func:`table_key`).
+    """
+    table = table_key(payload, "table", source)
+    order = payload.get("backbones_done")
+    if order is None:
+        words = str(payload.get("command", "")).split()
+        order = list(BACKBONES)
+        if "--backbones" in words:
+            given = words[words.index("--backbones") + 1:]
+            order = given[:next((i for i, word in enumerate(given) if word.startswith("-")), len(given))]
+    return [b for b in order if b in table] + sorted(set(table) - set(order))
+
+
+def auc_row(payload: Mapping[str, Any], path: str, source: str) -> Dict:
+    """The row at ``path`` of ``payload`` (``table.fm.plain``), which :func:`plot_auc` reads the AUC mean and std of.
+
+    Raises:
+        SystemExit: it lacks either (see :func:`table_key`).
+    """
+    for stat in ("mean", "std"):
+        table_key(payload, f"{path}.auc.{stat}", source)
+    return table_key(payload, path, source)
+
+
+def ordered_table(payload: Mapping[str, Any], source: str, variants: Sequence[str]) -> Dict[str, Dict[str, Dict]]:
+    """``payload['table']`` (``{backbone: {variant: row}}``) as the run built it: backbones in
+    :func:`table_backbones`' order, variants in ``variants``' (any other after them).
+
+    Raises:
+        SystemExit: a key the plot needs is missing (see :func:`table_key`).
+    """
+    ordered = {}
+    for backbone in table_backbones(payload, source):
+        row = table_key(payload, f"table.{backbone}", source)
+        names = [v for v in variants if v in row] + [v for v in row if v not in variants]
+        ordered[backbone] = {v: auc_row(payload, f"table.{backbone}.{v}", source) for v in names}
+    return ordered
+
+
 def plot_auc(out_path: str, tables: Dict[str, Dict[str, Dict]], title: str) -> None:
     """Grouped bars: one group per backbone, one bar per variant, error bars = std over seeds; the AUC axis starts
     near the lowest bar (its label says where: the gains are a fraction of a percent) and holds every error bar."""
@@ -530,4 +623,4 @@ def plot_auc(out_path: str, tables: Dict[str, Dict[str, Dict]], title: str) -> N
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(variants), 4), frameon=False)
     fig.tight_layout()
-    save_figure_atomically(fig, out_path, dpi=120)
+    save_figure_atomically(fig, out_path, dpi=120, bbox_inches="tight")  # a legend wider than the axes (6 variants)

@@ -47,7 +47,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from recsys_llm.cli.data import integer_at_least
 from recsys_llm.data.movielens import ITEM_FIELDS as ML100K_ITEM_FIELDS
@@ -65,18 +65,19 @@ from experiments.common import (
     experiment_args,
     markdown_table,
     model_overrides,
-    plot_auc,
+    ordered_table,
     prepared_schema,
     relative_gain,
     run_cli_step,
     run_variant,
     selection_text,
     summarize,
+    table_key,
     tables_dir,
     tune_on_validation,
     tuned_on,
     tuning_runs,
-    write_outputs,
+    write_table,
 )
 
 BACKBONES = ("deepfm", "dcnv2", "dlrm")
@@ -390,8 +391,18 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "runtime_s": time.time() - started,
         "command": "python -m experiments.elec " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    write_outputs(tables_dir(args), name, payload, "\n".join(sections))
-    plot_auc(os.path.join(tables_dir(args), f"{name}.png"), tables, f"ELEC on {args.data}: test AUC")
+    write_table(tables_dir(args), name, payload, "\n".join(sections))
+
+
+# the variants in the order run_backbone builds them
+VARIANT_ORDER = ("plain", "gain", "student (joint)", "student (frozen, swapped pairs)",
+                 "student (frozen, catalogue pairs)", "student (offline)")
+
+
+def table_figure(payload: Mapping[str, Any], source: str) -> Tuple[Dict[str, Dict[str, Dict]], str]:
+    """The tables and title :func:`~experiments.common.plot_auc` draws for the JSON of :func:`report` (read from
+    ``source``)."""
+    return ordered_table(payload, source, VARIANT_ORDER), f"ELEC on {table_key(payload, 'data', source)}: test AUC"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,18 +52,19 @@ from experiments.common import (
     experiment_args,
     markdown_table,
     model_overrides,
-    plot_auc,
+    ordered_table,
     prepared_schema,
     relative_gain,
     run_cli_step,
     run_variant,
     selection_text,
     summarize,
+    table_key,
     tables_dir,
     tune_on_validation,
     tuned_on,
     tuning_runs,
-    write_outputs,
+    write_table,
 )
 
 BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
@@ -289,8 +290,20 @@ def report(args: argparse.Namespace, name: str, tables: Dict[str, Dict], choices
         "runtime_s": time.time() - started,
         "command": "python -m experiments.llactr " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    write_outputs(tables_dir(args), name, payload, "\n".join(sections))
-    plot_auc(os.path.join(tables_dir(args), f"{name}.png"), tables, f"LLaCTR on {args.data}{control}: test AUC")
+    write_table(tables_dir(args), name, payload, "\n".join(sections))
+
+
+def table_figure(payload: Mapping[str, Any], source: str) -> Tuple[Dict[str, Dict[str, Dict]], str]:
+    """The tables and title :func:`~experiments.common.plot_auc` draws for the JSON of :func:`report` (read from
+    ``source``). A JSON from before the random control (no ``field_vectors_kind``) is of the LLM's vectors unless
+    its ``command`` says ``--field-vectors random``."""
+    kind = payload.get("field_vectors_kind")
+    if kind is None:
+        command = " ".join(str(table_key(payload, "command", source)).split())
+        kind = "random" if "--field-vectors random" in command else "llm"
+    control = " with random field vectors (control)" if kind == "random" else ""
+    return (ordered_table(payload, source, ["plain", *VARIANTS]),
+            f"LLaCTR on {table_key(payload, 'data', source)}{control}: test AUC")
 
 
 LAMBDA_CHOICE = "lambda_fre / lambda_fie from {0.01, 0.1, 0.5} (the range the paper tunes; for +both the 3x3 grid)"

@@ -6,20 +6,21 @@ Run: ``.venv/bin/python -m experiments.ml100k_backbones`` (prepares ``data/ml-10
 
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from experiments.common import (
     RunCounter,
+    auc_row,
     base_config_path,
     check_tables_replaceable,
     experiment_args,
     markdown_table,
-    plot_auc,
     prepared_schema,
     run_variant,
     summarize,
+    table_backbones,
     tables_dir,
-    write_outputs,
+    write_table,
 )
 
 BACKBONES = ("fm", "fwfm", "deepfm", "dcnv2", "finalmlp", "dlrm")
@@ -48,11 +49,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[ml100k] {backbone}: AUC {tables[backbone]['auc']['mean']:.4f} ± {tables[backbone]['auc']['std']:.4f}", flush=True)
     markdown = markdown_table(tables, ["auc", "logloss"])
     payload = {"seeds": args.seeds, "quick": args.quick, "mixed_precision": args.mixed_precision, "table": tables,
+               "backbones_done": backbones,
                "command": "python -m experiments.ml100k_backbones " + " ".join(sys.argv[1:] if argv is None else argv)}
-    write_outputs(tables_dir(args), "ml100k_backbones", payload, markdown)
-    plot_auc(os.path.join(tables_dir(args), "ml100k_backbones.png"), {b: {"test": t} for b, t in tables.items()},
-             "ML-100K: backbones")
+    write_table(tables_dir(args), "ml100k_backbones", payload, markdown)
     return 0
+
+
+def table_figure(payload: Mapping[str, Any], source: str) -> Tuple[Dict[str, Dict[str, Dict]], str]:
+    """The tables and title :func:`~experiments.common.plot_auc` draws for this script's JSON (read from
+    ``source``): one bar per backbone, its test AUC."""
+    return ({b: {"test": auc_row(payload, f"table.{b}", source)} for b in table_backbones(payload, source)},
+            "ML-100K: backbones")
 
 
 if __name__ == "__main__":
