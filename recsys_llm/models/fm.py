@@ -63,8 +63,11 @@ def fm_interaction(fields: torch.Tensor) -> torch.Tensor:
         fields (torch.Tensor): (B, N, D).
 
     Returns:
-        torch.Tensor: (B, D).
+        torch.Tensor: (B, D), in ``fields``' dtype; float16 / bfloat16 fields are summed and squared in float32
+        (in float16 the square of a sum beyond 256 overflows, and inf - inf gave NaN for a finite result).
     """
+    if fields.dtype in (torch.float16, torch.bfloat16):
+        return fm_interaction(fields.float()).to(fields.dtype)
     if torch.is_grad_enabled() and fields.requires_grad:
         return _SumSquareInteraction.apply(fields)[0]
     square_of_sum = fields.sum(dim=1).pow(2)  # (B, D)

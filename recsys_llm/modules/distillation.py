@@ -110,6 +110,9 @@ class RepresentationDistillation(nn.Module):
         \\mathcal{L}_{mse} = \\overline{\\lVert P h_s - h_t \\rVert^2} / H_t, \\qquad
         \\mathcal{L}_{cos} = \\overline{1 - \\cos(P h_s, h_t)}
 
+    A row where either side is the zero vector (no direction) counts with :math:`\\cos = 0` and
+    sends no gradient.
+
     :math:`P` is a learned linear projection when the sizes differ (it is part of the
     training graph only, never of the served student), the identity otherwise.
 
@@ -151,4 +154,23 @@ class RepresentationDistillation(nn.Module):
         projected, teacher = projected.to(dtype), teacher.detach().to(dtype)
         if self._kind == "mse":
             return F.mse_loss(projected, teacher)
-        return (1.0 - F.cosine_similarity(projected, teacher, dim=-1)).mean()
+        # F.cosine_similarity clamps each norm to 1e-8: a zero row (a student whose ReLUs are all off) had a
+        # gradient of ~1e8 / B, a row below 1e-8 a wrong cosine, and one beyond ~1e19 (its norm overflows) cos = 0
+        student_unit, teacher_unit = _unit_rows(projected), _unit_rows(teacher)
+        cosine = (student_unit * teacher_unit).sum(dim=-1)  # (B,)
+        defined = projected.detach().ne(0).any(dim=-1) & teacher.ne(0).any(dim=-1)
+        # a zero vector has no direction: cos = 0 there (F.cosine_similarity's value), with zero gradient
+        cosine = torch.where(defined | cosine.isnan(), cosine, torch.zeros_like(cosine))
+        return (1.0 - cosine).mean()
+
+
+def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` (..., H) divided by their L2 norms along the last dim; a zero row stays zero and a NaN row NaN.
+
+    Each row is first divided by its largest absolute entry (a constant to autograd: a cosine does not depend on the
+    scale), so that its squared norm neither overflows (entries beyond ~1e19 in float32) nor underflows.
+    """
+    scale = vectors.detach().abs().amax(dim=-1, keepdim=True)
+    scaled = vectors / torch.where(scale != 0, scale, torch.ones_like(scale))  # NaN != 0: a NaN row stays NaN
+    # >= 1 for a row with a non-zero entry (its largest is +-1 now), 0 for a zero row
+    return scaled / torch.linalg.vector_norm(scaled, dim=-1, keepdim=True).clamp_min(1.0)

@@ -116,7 +116,10 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Exact AUC of a set holding both classes: P(score of a positive > score of a negative), ties
     counted half, from the positives' mean ranks (float64 (N,) 0/1 labels; exact in float64 up to ~10^8 rows:
     the ranks are halves of integers, whose sums are exact below 2^53). Each (N,) temporary is freed as soon
-    as it is used: a split of 10^8 rows holds several."""
+    as it is used: a split of 10^8 rows holds several. NaN when a score is NaN (argsort would rank it above
+    every other, and the AUC would look finite), as LogLoss and NE are then."""
+    if bool(scores.isnan().any()):
+        return math.nan
     order = torch.argsort(scores)
     _, group, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
     positive = labels[order] > 0

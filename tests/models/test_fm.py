@@ -39,6 +39,18 @@ class TestFMInteraction:
             inference = fm_interaction(fields)
         torch.testing.assert_close(fm_interaction(fields).detach(), inference)
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("grad", [False, True])
+    def test_half_precision_fields_keep_a_small_product_beside_a_large_field(self, dtype, grad) -> None:
+        # (300 + 0.1)^2 - (300^2 + 0.1^2) in float16 was inf - inf = NaN, in bfloat16 0; the product is 30
+        fields = torch.tensor([[[300.0, 1.0], [0.1, 2.0]]], dtype=dtype, requires_grad=grad)
+        vector = fm_interaction(fields)
+        assert vector.dtype == dtype
+        torch.testing.assert_close(vector.float(), torch.tensor([[30.0, 2.0]]), rtol=1e-2, atol=0.0)
+        if grad:  # d/de_0 = e_1 (the backward's sum_j e_j - e_i rounded 300.1 - 300 to 0)
+            vector.sum().backward()
+            torch.testing.assert_close(fields.grad.float(), fields.detach().flip(1).float())
+
 class TestFM:
     def _model(self, schema: DatasetSchema, config: FMConfig = FMConfig(), extra: int = 0) -> FM:
         torch.manual_seed(0)

@@ -135,3 +135,44 @@ def test_scale_by_temperature_is_a_bool(bad):
     """ScoreDistillation(2.0, "kl", "false") scaled by T² ("false" is truthy)."""
     with pytest.raises(ValueError, match="ScoreDistillation: scale_by_temperature must be True or False"):
         ScoreDistillation(2.0, "kl", bad)
+
+
+class TestCosineDistillationAtExtremeNorms:
+    """1 - cos against a float64 reference, where F.cosine_similarity's eps clamp and float32 norms gave way."""
+
+    @staticmethod
+    def _reference(student: torch.Tensor, teacher: torch.Tensor) -> float:
+        s, t = student.double(), teacher.double()
+        return float((1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean())
+
+    @pytest.mark.parametrize("scale", [1e-12, 1.0, 1e4, 1e25])
+    def test_matches_the_float64_cosine_at_any_norm(self, scale):
+        torch.manual_seed(5)
+        student, teacher = torch.randn(3, 4) * scale, torch.randn(3, 4) * scale
+        kd = RepresentationDistillation(4, 4, "cosine")
+        assert kd(student, teacher).item() == pytest.approx(self._reference(student, teacher), rel=1e-6)
+
+    def test_a_zero_student_row_counts_cos_0_and_sends_no_gradient(self):
+        torch.manual_seed(6)
+        student = torch.randn(2, 4)
+        student[0] = 0.0  # e.g. every ReLU of the last layer off for that sample
+        student.requires_grad_()
+        teacher = torch.randn(2, 4)
+        loss = RepresentationDistillation(4, 4, "cosine")(student, teacher)
+        loss.backward()
+        expected = (1.0 + 1.0 - float(torch.nn.functional.cosine_similarity(student[1:].detach(), teacher[1:])[0])) / 2
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        assert torch.equal(student.grad[0], torch.zeros(4))  # was ~1e8 / B (the 1e-8 eps of cosine_similarity)
+        assert bool(student.grad.isfinite().all())
+
+    def test_zero_teacher_row_and_nan_row(self):
+        kd = RepresentationDistillation(4, 4, "cosine")
+        assert kd(torch.ones(1, 4), torch.zeros(1, 4)).item() == 1.0
+        assert math.isnan(kd(torch.tensor([[float("nan"), 1.0, 1.0, 1.0]]), torch.ones(1, 4)).item())
+
+    def test_gradient_matches_gradcheck_in_float64(self):
+        torch.manual_seed(7)
+        kd = RepresentationDistillation(4, 4, "cosine").double()
+        student = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+        teacher = torch.randn(3, 4, dtype=torch.double)
+        assert torch.autograd.gradcheck(lambda s: kd(s, teacher), (student,))

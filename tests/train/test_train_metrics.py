@@ -290,3 +290,12 @@ def test_soft_labels_keep_the_logloss_of_bce_with_logits() -> None:
     out = binary_metrics(torch.sigmoid(logits), labels, logits)
     expected = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
     assert out["logloss"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_nan_logit_gives_nan_auc_not_a_ranking() -> None:
+    # argsort ranks NaN above every score: the positive NaN row made an AUC of 0 look like 0.5
+    logits = torch.tensor([float("nan"), 0.5, -0.5])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    out = binary_metrics(torch.sigmoid(logits.double()), labels, logits)
+    assert math.isnan(out["auc"]) and math.isnan(out["logloss"]) and math.isnan(out["ne"])
+    assert binary_metrics(torch.sigmoid(logits[1:].double()), labels[1:], logits[1:])["auc"] == 0.0
