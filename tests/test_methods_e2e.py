@@ -122,7 +122,11 @@ def test_llactr_section_trains_fre_and_fie_and_records_provenance(small_syntheti
                                  vectors=vectors, export_dir=export_dir)
     assert result["test"]["auc"] > 0.5
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as handle:
-        assert json.load(handle)["folded_logit_terms"] == ["fie"]  # DeepFM: FIE inside its FM part
+        exported = json.load(handle)
+    assert exported["folded_logit_terms"] == ["fie"]  # DeepFM: FIE inside its FM part
+    # the LLM its field vectors came from, told from the artifact alone (an LLM upgrade's record)
+    llm = exported["metadata"]["llm_provenance"]["llactr"]
+    assert (llm["model_id"], llm["model_hash"], llm["pooling"]) == ("test", "h", "mean")
     # training-only: FRE, and the FIE folded into the program's backbone
     assert not [key for key in result["artifact_keys"] if key.startswith(("loss_terms.", "logit_terms."))]
     torch.testing.assert_close(result["served_logits"], result["task_logits"], rtol=1e-5, atol=1e-5)

@@ -62,7 +62,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
     )
     from recsys_llm.serving.quantized_tables import TRAINED, check_table_dtype
     from recsys_llm.train.checkpoint import checkpoint_digests
-    from recsys_llm.train.run_records import trained_row_vectors
+    from recsys_llm.train.run_records import trained_llm_provenance, trained_row_vectors
     from recsys_llm.train.distributed import barrier
     from recsys_llm.train.mixed_precision import autocast_dtype
     from recsys_llm.train.task_builder import build_task
@@ -98,10 +98,13 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
                                                    "for FP32's 4 D)")
         _say(f"writing {output} ({tqdm.format_sizeof(size, 'B', 1024)} of trained weights{quantizing}"
              f"{'' if state_only else ', then the dense part traced with torch.export'})")
+    # which LLM's vectors the model learned from: after an LLM upgrade, told from the artifact alone
+    llm_provenance = trained_llm_provenance(checkpoint) if ctx.is_main else None
+    llm_entry = {"llm_provenance": llm_provenance} if llm_provenance else {}
     if ctx.is_main and state_only:
         metadata = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": checkpoint_digests(checkpoint),
                     "model": config.model.to_dict(), "schema_fingerprint": schema.fingerprint(),
-                    "vocabularies": schema.vocabulary_records()}
+                    "vocabularies": schema.vocabulary_records(), **llm_entry}
         if config.elec is not None:  # what shapes the gain network: a frozen-teacher run names what differs
             metadata["elec"] = gain_shape_settings(ELECConfig.from_dict(config.elec, source="elec"))
             row_vectors = trained_row_vectors(checkpoint)
@@ -128,6 +131,7 @@ def export_run(config: Any, checkpoint: str, output: str, state_only: bool = Fal
             "checkpoint": os.path.abspath(checkpoint),
             "checkpoint_sha256": checkpoint_digests(checkpoint),  # which trained state (a retrained one differs)
             "world_size_at_export": ctx.world_size,
+            **llm_entry,
         }
         written = export_task(served, output, example.dense_features, example.sparse_features, metadata=metadata,
                               schema=schema, table_dtype=table_dtype, mixed_precision=mixed_precision)

@@ -96,7 +96,7 @@ def _adapt_locked(args: argparse.Namespace) -> int:
         sample_indices,
         tune_ctr_llm,
     )
-    from recsys_llm.semantics.ctr_llm_store import CTR_LLM_FILES, save_ctr_llm
+    from recsys_llm.semantics.ctr_llm_store import CTR_LLM_FILES, replaced_base_note, save_ctr_llm
     from recsys_llm.semantics.ctr_llm_checkpoint import (
         TuneCheckpoint,
         adapt_checkpoint_dir,
@@ -122,6 +122,9 @@ def _adapt_locked(args: argparse.Namespace) -> int:
         head_learning_rate=args.head_lr, epochs=args.epochs, sample_rows=args.sample_rows, seed=args.seed,
         llm_dtype=args.llm_dtype,
     )
+    note = replaced_base_note(args.output_dir, config.model_path)  # before any work: the old save is still there
+    if note:
+        warnings.warn(note, stacklevel=2)
     if config.representation_dim % 4:
         print(f"[recsys_llm] note: --representation-dim {config.representation_dim} is no multiple of 4: its vectors "
               "can be row vectors (semantics export --attach-dir), not entity tables (elec.vector_source="

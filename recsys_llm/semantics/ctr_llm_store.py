@@ -143,6 +143,27 @@ def check_base_model(directory: str, model_path: str) -> None:
         )
 
 
+def replaced_base_note(directory: str, model_path: str) -> Optional[str]:
+    """A note where ``directory`` holds a CTR-adapted LLM tuned on another base model than ``model_path``'s files
+    (a fresh ``semantics adapt`` there replaces it when it ends); None where it holds none, its own base, a save
+    that records no base fingerprint, a damaged one, or ``model_path`` is no directory (named when it loads)."""
+    if not os.path.isdir(model_path):
+        return None
+    try:
+        recorded, base = _recorded_base(directory, BASE_WEIGHTS_KEY)
+    except ValueError:  # a damaged save is replaced as any earlier one
+        return None
+    if recorded is None:
+        return None
+    current = model_weights_fingerprint(model_path)
+    if current == recorded:
+        return None
+    return (f"--output-dir {directory} holds a CTR-adapted LLM of another base model ({base!r}, fingerprint "
+            f"{recorded}; this adapt's {model_path} has {current}): it is replaced when this adapt ends, and the entity "
+            "and row exports made from it can then be neither resumed nor --reuse'd; give another --output-dir to "
+            "keep it")
+
+
 def _recorded_base(directory: str, key: str) -> Tuple[Optional[str], str]:
     """``provenance.json``'s fingerprint ``key`` of the base model in ``directory`` (None: a save written before
     it was recorded) and the base model's name."""

@@ -512,7 +512,11 @@ class SSFTTrainer:
             signature.get("config", {}).setdefault(key, default)
         if signature != current:
             differing = setting_differences(signature.get("config", {}), current["config"])
-            differing += [k for k in ("base_hash", "fields") if signature.get(k) != current[k]]
+            if signature.get("base_hash") != current["base_hash"]:  # the files at the path: another model, or edited
+                differing.append(f"base_hash: {signature.get('base_hash')!r} -> {current['base_hash']!r} (the files of "
+                                 f"{self._config.model_path}: another model, or this one edited in place)")
+            if signature.get("fields") != current["fields"]:
+                differing.append(f"fields: {signature.get('fields')!r} -> {current['fields']!r}")
             if DATA_DIGEST_KEY in current and signature[DATA_DIGEST_KEY] != current[DATA_DIGEST_KEY]:
                 differing.append(f"{DATA_DIGEST_KEY}: the field texts or the sampled values differ (the schema's "
                                  "descriptions, value texts or data changed, or a newer recsys_llm samples them "

@@ -205,7 +205,9 @@ def load_tuned_encoder(
     if not is_tuned_base(base_path, info):
         raise ValueError(
             f"{adapter_dir}: adapter was tuned on {info['base_model_path']} with hash {info['base_model_hash']}, "
-            f"but the model at {base_path} now has hash {base_hash}"
+            f"but the model at {base_path} now has hash {base_hash} (another model, or that one edited in place): "
+            "give the model it was tuned on (semantics encode --model, where it moved), or tune the new one "
+            "(semantics tune --model) and encode with its adapter"
         )
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(base_path, trust_remote_code)

@@ -406,7 +406,7 @@ def check_same_field_vectors(saved_plugins: Dict[str, Any], current_plugins: Dic
         raise ConfigError(
             f"{source}: this run trained with other field vectors than {current_plugins['llactr'].get('vectors')} "
             f"holds now (differing: {', '.join(shown(key) for key in differing)}); its checkpoint holds the vectors "
-            f"it trained with. {advice}"
+            f"it trained with. {advice}" + (f" (it read them from {saved['vectors']})" if saved.get("vectors") else "")
         )
 
 
@@ -575,6 +575,30 @@ def trained_row_vectors(checkpoint: str) -> Optional[Dict[str, Any]]:
     ``elec.row_vectors``); None where it records none."""
     path = _plugins_of(checkpoint)
     return (read_run_record(path).get("elec") or {}).get("row_vectors") if path is not None else None
+
+
+LLACTR_PROVENANCE_KEYS = ("model_id", "model_hash", "pooling", "template", "max_length", "vectors")
+
+
+def trained_llm_provenance(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """What LLM the run that wrote ``checkpoint`` took its vectors from, as its ``plugins.json`` records it: LLaCTR's
+    field vectors (model, its fingerprint, the file), ELEC's entity exports (per field), row vectors and frozen
+    teacher. An artifact keeps it (``config.json``: ``metadata.llm_provenance``), so which model's vectors it serves
+    is told from the artifact alone after an LLM upgrade; None for a run without them (or no ``plugins.json``)."""
+    path = _plugins_of(checkpoint)
+    if path is None:
+        return None
+    plugins = read_run_record(path)
+    found: Dict[str, Any] = {}
+    llactr = plugins.get("llactr")
+    if isinstance(llactr, dict):
+        found["llactr"] = {key: llactr[key] for key in LLACTR_PROVENANCE_KEYS if key in llactr}
+    elec = plugins.get("elec")
+    if isinstance(elec, dict):
+        for key in ("entity_vectors", "row_vectors", "frozen_teacher"):
+            if elec.get(key):
+                found.setdefault("elec", {})[key] = elec[key]
+    return found or None
 
 
 def check_same_entity_vector_source(checkpoint: str, current_plugins: Dict[str, Any], advice: str) -> None:

@@ -494,3 +494,29 @@ def test_a_second_tune_into_an_output_a_tune_is_writing_is_refused(tmp_path, tin
     with open(os.path.join(out, "checkpoint", "state.json"), encoding="utf-8") as handle:
         assert json.load(handle)["signature"]["config"]["learning_rate"] == SMALL["learning_rate"]
     assert sorted(os.listdir(out)) == ["adapter", "checkpoint", "field_retrieval.png", "metrics.json"]
+
+
+def test_a_base_model_edited_in_place_is_named_with_both_hashes_by_resume_and_encode(tmp_path, tiny_bert_dir,
+                                                                                     tiny_schema) -> None:
+    """Weights replaced under the same path: the resume named only 'base_hash', encode named no way out."""
+    from safetensors.torch import load_file, save_file
+
+    from recsys_llm.semantics.model_dir import model_dir_fingerprint
+    from recsys_llm.semantics.ssft_adapter import load_tuned_encoder
+    from tests.tiny_models import copy_model_dir
+
+    model = copy_model_dir(tiny_bert_dir, tmp_path / "model")
+    out = str(tmp_path / "ssft")
+    SSFTTrainer(SSFTConfig(model_path=model, epochs=1, **SMALL), tiny_schema, out).run()
+    before = model_dir_fingerprint(model)
+    weights = os.path.join(model, "model.safetensors")
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    after = model_dir_fingerprint(model)
+    with pytest.raises(ValueError, match=rf"base_hash: '{before}' -> '{after}' \(the files of {re.escape(model)}: "):
+        SSFTTrainer(SSFTConfig(model_path=model, epochs=2, **SMALL), tiny_schema, out).run()
+    with pytest.raises(ValueError, match=rf"now has hash {after} \(another model, or that one edited in place\): "
+                                         r"give the model it was tuned on .*semantics tune --model"):
+        load_tuned_encoder(os.path.join(out, "adapter"))
