@@ -149,9 +149,10 @@ class ELECConfig:
         if self.entity_field:
             previous = self.entity_tables.get(self.entity_field, self.entity_vectors)
             if (previous or None) != (self.entity_vectors or None):  # null and '' both name no directory
-                raise ValueError(
-                    f"elec: entity {self.entity_field!r} has two vector directories, entity_vectors="
-                    f"{self.entity_vectors!r} and entity_tables[{self.entity_field!r}]={previous!r}"
+                raise ValueError(  # "elec." first: ELECConfig.from_dict adds no second "elec:" before it
+                    f"elec.entity_vectors={self.entity_vectors!r} and elec.entity_tables[{self.entity_field!r}]="
+                    f"{previous!r} name two vector directories for entity {self.entity_field!r}; give one of them, "
+                    "or the same directory in both"
                 )
             self.entity_tables = {self.entity_field: self.entity_vectors, **self.entity_tables}
         if self.vector_source == "entity_table" and not self.entity_tables:

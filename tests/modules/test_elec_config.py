@@ -224,8 +224,9 @@ def test_an_entity_named_without_a_directory_twice_is_the_same_setting():
                                        "vector_source": "entity_table", "entity_field": "item_id",
                                        "entity_vectors": vectors, "entity_tables": {"item_id": None, "user_id": None}})
         assert set(config.entity_tables) == {"item_id", "user_id"} and not any(config.entity_tables.values())
-    with pytest.raises(ConfigError, match=r"entity 'item_id' has two vector directories, entity_vectors=None and "
-                                          r"entity_tables\['item_id'\]='vectors/items'"):
+    with pytest.raises(ConfigError, match=r"^elec\.entity_vectors=None and elec\.entity_tables\['item_id'\]="
+                                          r"'vectors/items' name two vector directories for entity 'item_id'; give "
+                                          r"one of them"):
         ELECConfig.from_dict({"vector_source": "entity_table", "entity_field": "item_id", "entity_vectors": None,
                               "entity_tables": {"item_id": "vectors/items"}})
 
