@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.distributed.optim import apply_optimizer_in_backward as _in_backward_registry
 from torchrec import optim as trec_optim
 from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
@@ -175,17 +176,44 @@ def _table_optimizer_kwargs(optim: OptimizerConfig) -> Dict[str, Any]:
     return kwargs
 
 
-def _apply_fused_optimizers(model: nn.Module, frozen: Set[str], optim: OptimizerConfig) -> None:
-    """Attaches the table optimizer to every trainable table (must run before DMP)."""
+def _apply_fused_optimizers(model: nn.Module, frozen: Set[str], optim: OptimizerConfig) -> List[nn.Parameter]:
+    """Attaches the table optimizer to every trainable table (must run before DMP); returns the tables' parameters
+    it registered (for :func:`release_in_backward_registrations` once DMP has replaced them)."""
     optimizer_class = SPARSE_OPTIMIZERS[optim.sparse]
     kwargs = _table_optimizer_kwargs(optim)
+    registered: List[nn.Parameter] = []
     for ebc in {id(m): m for _, m in find_tables(model).values()}.values():
         for table_name, bag in ebc.embedding_bags.items():
+            params = list(bag.parameters())
+            registered.extend(params)
             if table_name in frozen:
                 # SGD holds no state; lr 0 makes even a stray backward a no-op.
-                _apply_optimizer_in_backward(trec_optim.SGD, bag.parameters(), {"lr": 0.0})
+                _apply_optimizer_in_backward(trec_optim.SGD, params, {"lr": 0.0})
             else:
-                _apply_optimizer_in_backward(optimizer_class, bag.parameters(), kwargs)
+                _apply_optimizer_in_backward(optimizer_class, params, kwargs)
+    return registered
+
+
+def release_in_backward_registrations(params: List[nn.Parameter], kept: Optional[nn.Module] = None) -> int:
+    """Drops torch's registrations of ``_apply_optimizer_in_backward`` for ``params`` that ``kept`` (the sharded
+    model) no longer holds: its module-level maps are keyed weakly by the parameter, but the value (the parameter's
+    ``AccumulateGrad`` node) and the hook it holds keep the parameter alive, so every unsharded table parameter
+    (with its optimizer) passed to it lived as long as the process: a process that builds models in a loop
+    (``evaluate`` / ``train`` called from Python, a daily job) grew at every build. Returns how many were released."""
+    live = {id(p) for p in kept.parameters()} if kept is not None else set()
+    # torch's own maps (absent from another torch version: nothing to release there, and sharding goes on)
+    hook_handles = getattr(_in_backward_registry, "param_to_optim_hook_handle_map", {})
+    grad_accumulators = getattr(_in_backward_registry, "param_to_acc_grad_map", {})
+    released = 0
+    for param in params:
+        if id(param) in live:
+            continue
+        handles = hook_handles.pop(param, None) or []
+        for handle in handles:
+            handle.remove()
+        if grad_accumulators.pop(param, None) is not None or handles:
+            released += 1
+    return released
 
 
 def embedding_kernels(model: nn.Module) -> Iterator[Tuple[str, BatchedFusedEmbeddingBag]]:
@@ -328,7 +356,18 @@ def shard_model(
             "shard_model: no default process group; call recsys_llm.train.distributed.init_distributed() first "
             "(one process without torchrun: a group of one), or run the script under torchrun"
         )
-    _apply_fused_optimizers(task, frozen, optim)
+    registered = _apply_fused_optimizers(task, frozen, optim)
+    try:
+        return _plan_and_shard(task, device, world_size, sharding, frozen, compute_device, constraints, batch_size)
+    finally:  # DMP has read them (the sharded tables' optimizers are its own); parameters the model still holds
+        # (a refused plan's unsharded task, a table DMP kept as it was) keep theirs
+        release_in_backward_registrations(registered, task)
+
+
+def _plan_and_shard(task: nn.Module, device: torch.device, world_size: int, sharding: ShardingConfig,
+                    frozen: Set[str], compute_device: str, constraints: Dict[str, ParameterConstraints],
+                    batch_size: int) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """:func:`shard_model` after the tables' optimizers are attached: plans, shards and checks the model."""
     # the GPU's own memory, not the planner's 32 GB default; ranks per host from torchrun's
     # LOCAL_WORLD_SIZE (hierarchical plans such as table_row_wise group the ranks of one host)
     hbm_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
