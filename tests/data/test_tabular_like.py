@@ -437,16 +437,21 @@ def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mea
         check_artifact_fits(served, fresh)
 
 
+def _grown_day(earlier: Dict[str, str], tmp_path) -> str:
+    """The next day's labeled rows (GROWING) prepared like the earlier data with --grow-vocabulary: its directory."""
+    grown_dir = str(tmp_path / "day2")
+    prepare_tabular_like(_csv(tmp_path / "day2.csv", dict(GROWING, clicked=[0, 1, 1, 0, 1])), earlier["data"],
+                         grown_dir, split_name="train", grow_vocabulary=True)
+    return grown_dir
+
+
 def test_an_earlier_days_data_passes_a_grown_model_whose_training_data_begins_with_its_vocabularies(
         earlier: Dict[str, str], tmp_path) -> None:
     """Yesterday's holdout scored by today's model (its vocabularies grew since) was refused, its shorter vocabularies
     "cannot be checked": the artifact's ``ids/`` and the run's training data hold the grown vocabularies, whose first
     ids the earlier data's must be. Data prepared afresh, of fewer values, stays refused, as does the earlier data
     where the run's training data is no longer there."""
-    old = DatasetSchema.load(earlier["data"])
-    grown_dir = str(tmp_path / "day2")
-    prepare_tabular_like(_csv(tmp_path / "day2.csv", dict(GROWING, clicked=[0, 1, 1, 0, 1])), earlier["data"],
-                         grown_dir, split_name="train", grow_vocabulary=True)
+    old, grown_dir = DatasetSchema.load(earlier["data"]), _grown_day(earlier, tmp_path)
     grown = DatasetSchema.load(grown_dir)
     recorded = grown.vocabulary_records()
     assert old.changed_vocabularies(recorded) == ["cats", "city"]  # nothing to check it against
@@ -935,11 +940,7 @@ def test_an_earlier_days_vocabulary_is_checked_only_against_a_reference_that_hol
         earlier: Dict[str, str], tmp_path) -> None:
     """A reference whose ids of a field are no vocabulary (recorded another way) cannot vouch for the earlier day's
     ids of that field: it stays refused, the other passes."""
-    old = DatasetSchema.load(earlier["data"])
-    grown_dir = str(tmp_path / "day2")
-    prepare_tabular_like(_csv(tmp_path / "day2.csv", dict(GROWING, clicked=[0, 1, 1, 0, 1])), earlier["data"],
-                         grown_dir, split_name="train", grow_vocabulary=True)
-    reference = DatasetSchema.load(grown_dir)
+    old, reference = DatasetSchema.load(earlier["data"]), DatasetSchema.load(_grown_day(earlier, tmp_path))
     recorded = reference.vocabulary_records()
     reference.ids = {name: way for name, way in reference.ids.items() if name != "city"}
     assert old.changed_vocabularies(recorded, reference) == ["city"]
