@@ -207,19 +207,27 @@ def test_the_ids_instead_of_the_pooled_embeddings_are_named() -> None:
             call(make_kjt())
 
 
-def test_the_unnamed_fields_of_dlrms_sparse_arch_are_named() -> None:
-    """torchrec DLRM's sparse_arch(kjt) is a (B, F, D) tensor: it failed with "'Tensor' object has no attribute
-    'length_per_key'"."""
+def _terms_refusing(unnamed: torch.Tensor, refusal: str):
+    """FRE and FIE over FEATURES, each checked to refuse ``unnamed`` (pooled embeddings without their keys) with a
+    TypeError matching ``refusal``; returned for the calls that follow."""
     from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
 
-    dlrm = DLRM(make_ebc(), 2, [8, 8], [8, 1])
     fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8)
     fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES)
     for call in (fre.loss, fie.logit):
-        with pytest.raises(TypeError, match=r"got a tensor of shape \(4, 3, 8\) without them .* wrap the DLRM in "
-                                            r"models\.dlrm\.DLRMBackbone, whose CTROutput\.embeddings come from the "
-                                            r"model's own lookup"):
-            call(dlrm.sparse_arch(make_kjt()))
+        with pytest.raises(TypeError, match=refusal):
+            call(unnamed)
+    return fre, fie
+
+
+def test_the_unnamed_fields_of_dlrms_sparse_arch_are_named() -> None:
+    """torchrec DLRM's sparse_arch(kjt) is a (B, F, D) tensor: it failed with "'Tensor' object has no attribute
+    'length_per_key'"."""
+    dlrm = DLRM(make_ebc(), 2, [8, 8], [8, 1])
+    fre, fie = _terms_refusing(dlrm.sparse_arch(make_kjt()),
+                               r"got a tensor of shape \(4, 3, 8\) without them .* wrap the DLRM in "
+                               r"models\.dlrm\.DLRMBackbone, whose CTROutput\.embeddings come from the "
+                               r"model's own lookup")
     from recsys_llm.models.dlrm import DLRMBackbone
 
     output = DLRMBackbone(dlrm, num_dense_features=2)(torch.rand(4, 2), make_kjt())
@@ -229,17 +237,11 @@ def test_the_unnamed_fields_of_dlrms_sparse_arch_are_named() -> None:
 def test_the_unnamed_columns_of_a_regrouped_keyed_tensor_are_named() -> None:
     """KeyedTensor.regroup gives (B, sum of dims) tensors: the error named torchrec DLRM's sparse_arch, not the
     KeyedTensor that names the columns."""
-    from recsys_llm.modules.field_interaction import FieldInteractionEnhancement
-
     pooled = make_ebc()(make_kjt())
     regrouped = KeyedTensor.regroup([pooled], [["genre", "user_id", "item_id"]])[0]  # (4, 24)
-    fre = FieldRepresentationEnhancement(torch.randn(3, 10), FEATURES, 8)
-    fie = FieldInteractionEnhancement(torch.randn(3, 10), FEATURES)
-    for call in (fre.loss, fie.logit):
-        with pytest.raises(TypeError, match=r"got a tensor of shape \(4, 24\) without them \(KeyedTensor\.regroup .* "
-                                            r"KeyedTensor\(keys=\[\.\.\.\], length_per_key=\[\.\.\.\], "
-                                            r"values=tensor\)"):
-            call(regrouped)
+    fre, fie = _terms_refusing(regrouped, r"got a tensor of shape \(4, 24\) without them \(KeyedTensor\.regroup .* "
+                                          r"KeyedTensor\(keys=\[\.\.\.\], length_per_key=\[\.\.\.\], "
+                                          r"values=tensor\)")
     named = KeyedTensor(keys=["genre", "user_id", "item_id"], length_per_key=[8, 8, 8], values=regrouped)
     torch.testing.assert_close(fie.logit(named), fie.logit(pooled))
     torch.testing.assert_close(fre.loss(named), fre.loss(pooled))
