@@ -216,7 +216,7 @@ class TestTrainComponent:
             assert resources(load(name)(*args, gpu=8)) == (8 * cpu, 8 * memMB), name
             assert load(name)(*args, gpu=8).roles[0].env["OMP_NUM_THREADS"] == str(cpu), name
             assert resources(load(name)(*args, gpu=8, cpu=64, memMB=480000)) == (64, 480000), name  # as asked
-        assert resources(load("encode")("tune", gpu=8)) == (4, 16384)  # one process
+        assert resources(load("encode")("tune", gpu=1)) == (4, 16384)  # one process
         assert resources(from_cli("train", ["--config", "c.yaml", "--gpu", "8"])) == (16, 65536)
 
     def test_help_lists_documented_parameters(self) -> None:
@@ -297,6 +297,13 @@ class TestEncodeComponent:
             with pytest.raises(ValueError, match="runs as one process"):
                 load("encode")(job, nnodes=2)
             assert load("encode")(job).roles[0].name == "semantics"
+
+    def test_single_process_jobs_refuse_idle_gpus(self) -> None:
+        for job in ("tune", "encode", "adapt"):
+            with pytest.raises(ValueError, match="gpu=8 would hold 7 more idle"):
+                load("encode")(job, gpu=8)
+            assert load("encode")(job, gpu=1).roles[0].resource.gpu == 1
+        assert load("encode")("export", gpu=8).roles[0].resource.gpu == 8
 
 
 class TestBenchComponent:
@@ -607,7 +614,7 @@ def test_the_default_is_a_worker_per_gpu_of_the_host() -> None:
         assert workers(load(name)(*args)) == "1", name
         assert workers(load(name)(*args, gpu=8, nproc_per_node=2)) == "2", name  # fewer, when asked
     for job in ("tune", "encode", "adapt"):  # one process whatever the host has
-        assert workers(load("encode")(job, gpu=8)) == "1", job
+        assert workers(load("encode")(job, named_resource="aws_p4d.24xlarge")) == "1", job
 
 
 @pytest.mark.parametrize("name, first", [("train", ["--config", "c.yaml"]), ("trained", ["--job", "evaluate",
