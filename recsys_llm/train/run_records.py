@@ -32,6 +32,7 @@ PLAN_FILE = "sharding_plan.json"  # the plan the run trained with (a resume chec
 # metrics.jsonl: the first record of every job, started from scratch or resumed from a checkpoint
 STARTED_EVENT = "started"
 RESUMED_EVENT = "resumed"
+FINISHED_EVENT = "finished"  # the job ended: results.json written (its last record)
 TRAIN_WINDOW_EVENT = "train_window"  # windowed training metrics (train.metrics_window) at a global step
 REDONE_KEY = "redone"  # of a resumed record: events at its step that the killed job wrote after the checkpoint
 # what a run directory holds once its checks have passed (config.yaml and results.json are

@@ -99,6 +99,7 @@ from recsys_llm.train.resume import (
 from recsys_llm.train.run_data import build_readers, check_split_names, load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import (
     DATA_FINGERPRINTS_KEY,
+    FINISHED_EVENT,
     METRICS_FILE,
     PLAN_FILE,
     PLUGINS_FILE,
@@ -626,6 +627,8 @@ def _finish_run(
     if ctx.is_main:
         write_text_atomically(os.path.join(run_dir, RESULTS_FILE),  # strict JSON, as metrics.jsonl: NaN is null
                               json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))
+        log.write({"event": FINISHED_EVENT, "global_step": state.global_step, "epochs": state.epoch,
+                   "best_step": state.best_step})
         try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
             plot_training_curves(run_dir)
         except Exception as error:  # noqa: BLE001 - reported, and the run goes on

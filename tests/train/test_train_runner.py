@@ -352,8 +352,8 @@ def test_a_run_killed_after_its_max_steps_epoch_record_keeps_it(synthetic_dir: s
     (out,) = run_multiprocess(_kill_while_validating_at_max_steps, world_size=1, schema_dir=synthetic_dir,
                               root=str(tmp_path))
     events = [e["event"] for e in out["standing"]]
-    assert events == ["started", "epoch", "resumed", "valid", "test"], events
-    assert [e["event"] for e in out["straight_standing"]] == ["started", "epoch", "valid", "test"]
+    assert events == ["started", "epoch", "resumed", "valid", "test", "finished"], events
+    assert [e["event"] for e in out["straight_standing"]] == ["started", "epoch", "valid", "test", "finished"]
     (epoch,) = [e for e in out["standing"] if e["event"] == "epoch"]
     assert (epoch["global_step"], epoch["steps"]) == (5, 5)
     assert out["resumed"]["samples_per_second"] == pytest.approx(epoch["samples_per_second"])
@@ -703,7 +703,7 @@ def test_a_run_killed_in_its_final_saves_resumes_to_the_run_directory_of_an_unin
         killed = [e["samples_per_second"] for e in run["killed_events"] if e["event"] == "epoch"]
         assert results["samples_per_second"] == pytest.approx(sum(killed) / len(killed))
         resumed = _after_last_resume(run["events"])
-        assert [e["event"] for e in resumed] == ["test"]
+        assert [e["event"] for e in resumed] == ["test", "finished"]
 
 
 # --- metrics.jsonl: every job starts with a record that says which earlier records it supersedes ---
@@ -754,7 +754,7 @@ def test_a_job_after_one_killed_before_its_first_checkpoint_marks_the_earlier_re
     assert events[:len(killed)] == killed
     assert events[len(killed)]["event"] == "started"  # the new job's first record
     assert out["standing"] == events[len(killed):]
-    assert [e["event"] for e in out["standing"]] == ["started", "epoch", "valid", "test"]
+    assert [e["event"] for e in out["standing"]] == ["started", "epoch", "valid", "test", "finished"]
 
 
 def test_metrics_records_superseded_by_a_later_job_are_skipped_and_old_files_stay_readable(tmp_path) -> None:
