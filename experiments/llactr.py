@@ -103,6 +103,7 @@ def llm_steps(schema: str, work: str, quick: bool, ssft_budget: Optional[Sequenc
     if os.path.isfile(vectors) and not encoded_with(vectors, adapter):
         # SSFT tuned again (its output removed): the same encode command, but the vectors are the old adapter's
         print(f"[stale] {vectors}: not encoded with the SSFT adapter in {adapter} now; encoding again", flush=True)
+        os.remove(vectors)  # encode keeps another adapter's vectors, which runs may have trained on
         run_cli_step(encode, None)
     else:
         run_cli_step(encode, vectors)

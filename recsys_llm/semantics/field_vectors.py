@@ -25,7 +25,8 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_field_texts_fit, check_number_fields
 from recsys_llm.semantics.pooling import POOLINGS
 from recsys_llm.semantics.ssft_adapter import is_tuned_base, load_tuned_encoder, read_adapter_info
-from recsys_llm.semantics.store import StoredVectors, VectorProvenance, cached_encode, load_vectors, save_vectors
+from recsys_llm.semantics.store import (StoredVectors, VectorProvenance, cached_encode, check_same_llm_output, load_vectors,
+                                         save_vectors)
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 from recsys_llm.typed_config import check_bool_settings, check_str_settings
 
@@ -169,6 +170,8 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
     Raises:
         ValueError: ``output`` is a directory, or the SSFT adapter was not tuned on these fields (both
             checked before the model loads).
+        FileExistsError: ``output`` holds vectors of another LLM or adapter (checked before encoding:
+            :func:`~recsys_llm.semantics.store.check_same_llm_output`).
     """
     if os.path.isdir(output):  # the file's path is wanted: found only when writing, after encoding otherwise
         raise ValueError(f"{output}: is a directory; give the path of the field-vector file to write, "
@@ -184,6 +187,7 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
         info = read_adapter_info(config.adapter_dir)
         check_adapter_fields(config.adapter_dir, info, schema, [f.name for f in fields])
     encoder, templates, info = build_field_encoder(config)
+    check_same_llm_output(output, encoder.model_id, encoder.model_hash)  # before encoding
     texts = [field_text(f, templates) for f in fields]
     check_field_texts_fit(encoder, [f.name for f in fields], texts, "semantics encode", refuse_alike=False)
     if info:

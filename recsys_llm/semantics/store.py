@@ -185,19 +185,44 @@ def check_vector_output(path: str) -> None:
         check_writable(path)
         return
     check_writable(os.path.realpath(path))
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        provenance = json.loads(metadata["provenance"])
-        ours = "keys" in metadata and bool(provenance.get("schema_fingerprint"))
-    except Exception:  # noqa: BLE001 - not safetensors, no or unreadable provenance: not ours
-        ours = False
-    if not ours:
+    if _stored_provenance(path) is None:
         raise FileExistsError(
             f"{path}: exists and is not a field-vector file written by `recsys-llm semantics encode` (no vector "
             "provenance in its metadata); writing the vectors there would replace it: choose another --output path, "
             "or delete the file first"
         )
+
+
+def _stored_provenance(path: str) -> Optional[Dict[str, Any]]:
+    """The provenance of the field-vector file :func:`save_vectors` wrote at ``path``; None for anything else (not
+    safetensors, no or unreadable provenance, none of its keys)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        provenance = json.loads(metadata["provenance"])
+    except Exception:  # noqa: BLE001 - not safetensors, no or unreadable provenance: not ours
+        return None
+    return provenance if "keys" in metadata and provenance.get("schema_fingerprint") else None
+
+
+def check_same_llm_output(path: str, model_id: str, model_hash: str) -> None:
+    """Raises when ``path`` holds a field-vector file of another LLM (or SSFT adapter) than ``model_hash``: runs
+    trained on those vectors read the file to resume, evaluate and export, while an adapted LLM that ``semantics
+    adapt`` replaces leaves the exports made from it, and the runs trained on them, working. Nothing to check where
+    ``path`` holds no field-vector file (:func:`check_vector_output` vouched for it).
+
+    Raises:
+        FileExistsError: naming both models and the way out.
+    """
+    earlier = _stored_provenance(path) if os.path.isfile(path) else None
+    if earlier is None or earlier.get("model_hash") in (None, model_hash):
+        return
+    raise FileExistsError(
+        f"{path}: holds field vectors of another LLM ({earlier.get('model_id')!r}, fingerprint "
+        f"{earlier.get('model_hash')}) than this encode's ({model_id!r}, fingerprint {model_hash}); runs trained on "
+        "them read this file to resume, evaluate and export. Write the new vectors to another --output (then train "
+        "them in a new train.run_dir with llactr.vectors_path=NEW), or delete the file first to replace it"
+    )
 
 
 def check_cache_dir(cache_dir: Optional[str]) -> None:

@@ -462,6 +462,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Experimen
     _expand_home_in_paths(raw)
     _expand_home_in_paths(from_file)
     _generate_only_where_the_file_said(raw, from_file, overrides)
+    _follow_moved_entity_vectors(raw, from_file)
     try:
         return config_from_dict(raw, source)
     except ConfigError as merged:
@@ -508,6 +509,27 @@ def _expand_home_in_paths(raw: Dict[str, Any]) -> None:
         for name in names or list(holder):
             if isinstance(holder.get(name), str) and holder[name].startswith("~"):
                 holder[name] = os.path.expanduser(holder[name])
+
+
+def _follow_moved_entity_vectors(raw: Dict[str, Any], from_file: Dict[str, Any]) -> None:
+    """Where the file names one entity export in both ``elec.entity_vectors`` and ``elec.entity_tables[entity_field]``
+    (a run's own ``config.yaml`` records both) and the overrides moved only one of them (``evaluate --checkpoint RUN
+    elec.entity_vectors=NEW``), the other follows it, in place; two different directories named by the overrides, or
+    by the file, are still refused by ``ELECConfig``."""
+    file_elec, elec = from_file.get("elec"), raw.get("elec")
+    if not isinstance(file_elec, dict) or not isinstance(elec, dict):
+        return
+    field, file_tables, tables = elec.get("entity_field"), file_elec.get("entity_tables"), elec.get("entity_tables")
+    if not field or not isinstance(file_tables, dict) or not isinstance(tables, dict):
+        return
+    recorded = file_elec.get("entity_vectors")
+    if not recorded or file_tables.get(field) != recorded:
+        return
+    vectors_moved, table_moved = elec.get("entity_vectors") != recorded, tables.get(field) != recorded
+    if vectors_moved and not table_moved:
+        tables[field] = elec["entity_vectors"]
+    elif table_moved and not vectors_moved:
+        elec["entity_vectors"] = tables[field]
 
 
 def _generate_only_where_the_file_said(raw: Dict[str, Any], from_file: Dict[str, Any], overrides: Sequence[str]) -> None:

@@ -404,3 +404,18 @@ def test_field_vector_config_refuses_non_string_settings():
         FieldVectorConfig(device=0)
     with pytest.raises(ValueError, match=r"FieldVectorConfig.adapter_dir: expected a string or None, got True"):
         FieldVectorConfig(adapter_dir=True)
+
+
+def test_vectors_of_another_llm_are_not_written_over_an_earlier_llms(tmp_path, tiny_schema, tiny_bert_dir,
+                                                                     tiny_llama_dir) -> None:
+    """An LLM upgrade re-ran `semantics encode --output runs/fields.safetensors` with the new model: the file the
+    earlier runs trained with was replaced, and those runs could no longer resume, evaluate or export (their
+    refusal asked for the file that was gone). The same model encodes again over its own file."""
+    output = str(tmp_path / "fields.safetensors")
+    earlier = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)
+    encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)  # its own file
+    with pytest.raises(FileExistsError, match=r"holds field vectors of another LLM .* delete the file first"):
+        encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, output)
+    kept = load_vectors(output)
+    assert kept.provenance.model_hash == earlier.provenance.model_hash
+    torch.testing.assert_close(kept.vectors, earlier.vectors, atol=0, rtol=0)

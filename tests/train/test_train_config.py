@@ -926,3 +926,21 @@ def test_a_whole_number_written_otherwise_for_an_integer_setting_says_how_to_wri
     with pytest.raises(ConfigError) as refused:
         load_config(None, [override])
     assert str(refused.value).endswith(f"train.max_steps: expected an integer, {expected}")
+
+
+def test_an_override_of_one_entity_export_key_moves_both_a_run_config_records(tmp_path) -> None:
+    """A run's config.yaml records its entity export in elec.entity_vectors and elec.entity_tables[field]: an
+    override of one (`evaluate --checkpoint RUN elec.entity_vectors=NEW`) was refused as naming two directories,
+    hiding what the job then says of the run's own settings. The other key follows; two overrides that differ are
+    still refused."""
+    from recsys_llm.modules.elec import ELECConfig
+
+    elec = {"task": "gain", "vector_source": "entity_table", "entity_field": "item_id", "entity_vectors": "runs/old",
+            "entity_tables": {"item_id": "runs/old"}}
+    path = tmp_path / "config.yaml"
+    save_config(ExperimentConfig(elec=elec), str(path))
+    for override in ("elec.entity_vectors=runs/new", "elec.entity_tables.item_id=runs/new"):
+        parsed = ELECConfig.from_dict(load_config(str(path), [override]).elec, "elec")
+        assert parsed.entity_vectors == "runs/new" and parsed.entity_tables == {"item_id": "runs/new"}
+    with pytest.raises(ConfigError, match="name two vector directories"):
+        load_config(str(path), ["elec.entity_vectors=runs/a", "elec.entity_tables.item_id=runs/b"])
