@@ -70,7 +70,7 @@ import pickle
 import random
 import re
 import shutil
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -683,6 +683,7 @@ def load_checkpoint(
     optimizer: Optional[CombinedOptimizer] = None,
     *,
     restore_rng: bool = True,
+    only: Optional[Collection[str]] = None,
 ) -> TrainState:
     """Loads a checkpoint into a sharded model (and optimizer) in place (collective).
 
@@ -695,9 +696,16 @@ def load_checkpoint(
             splits a table's columns into another number of shards than the run's; a table replicated in one plan
             and sharded in the other is refused too).
         restore_rng (bool): restore this rank's RNG states (only when the world size matches).
+        only (Optional[Collection[str]]): load these model state-dict keys alone (and, with ``optimizer``, the
+            optimizer states of these parameters alone; the table step counter too): the model's other weights
+            and states stay as they are, the checkpoint's other tensors unread (``train.init_scope=tables``).
+            None: everything, the checkpoint holding no weights this model lacks.
 
     Returns:
         TrainState: the saved training position.
+
+    Raises:
+        ValueError: a key of ``only`` that the model or the checkpoint lacks.
     """
     # a copy under a name of its own (``models/deepfm_v1``) loads too; a ``.tmp`` directory is a save in progress
     if not os.path.isdir(path):
@@ -706,11 +714,31 @@ def load_checkpoint(
     if os.path.normpath(path).endswith(".tmp") or not os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
     try:
-        return _load_complete_checkpoint(path, model, optimizer, restore_rng)
+        return _load_complete_checkpoint(path, model, optimizer, restore_rng, only)
     except (Exception, CheckpointException) as error:
         if not os.path.isdir(path):
             raise _removed_while_read(path) from error
         raise
+
+
+def _only_keys(path: str, metadata: Metadata, target: Dict[str, Any], only: Collection[str]) -> Dict[str, Any]:
+    """``target`` (:func:`_dcp_state`) restricted to the model keys ``only`` and their parameters' optimizer states
+    (keyed alike); ``optim`` left out where none is left (DCP saves no key for an empty dict).
+
+    Raises:
+        ValueError: a key of ``only`` that the model or the checkpoint ``path`` (its ``metadata``) lacks.
+    """
+    lacking = sorted(key for key in only if key not in target["model"])
+    if lacking:
+        raise ValueError(f"{path}: asked to load {lacking}, which this model does not have")
+    unsaved = sorted(key for key in only if f"model.{key}" not in metadata.state_dict_metadata)
+    if unsaved:
+        raise ValueError(f"{path}: holds no {unsaved} to load (a checkpoint of another model)")
+    kept: Dict[str, Any] = {"model": {key: value for key, value in target["model"].items() if key in only}}
+    optim = {key: value for key, value in target.get("optim", {}).items() if key in only}
+    if optim:
+        kept["optim"] = optim
+    return kept
 
 
 def _removed_while_read(path: str) -> FileNotFoundError:
@@ -722,19 +750,24 @@ def _removed_while_read(path: str) -> FileNotFoundError:
 
 
 def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[CombinedOptimizer],
-                              restore_rng: bool) -> TrainState:
+                              restore_rng: bool, only: Optional[Collection[str]] = None) -> TrainState:
     """:func:`load_checkpoint` of a directory that holds a complete checkpoint."""
     state = read_train_state(path)
     verify_digests(path)
     materialised: List[KeyedOptimizerWrapper] = []
     if optimizer is not None:
-        materialised = _materialise_dense_optimizer_state(optimizer)
+        if only is None:  # the dense states ``only`` leaves out stay as they are (none yet in a new run)
+            materialised = _materialise_dense_optimizer_state(optimizer)
         target = _dcp_state(model, optimizer)
     else:
         target = {"model": model.state_dict()}
+    model_state = target["model"]  # loaded back whole: the keys left out of ``only`` as they were
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()  # a refused .metadata raises here, not inside DCP's per-rank retry
-    require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
+    if only is None:
+        require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
+    else:
+        target = _only_keys(path, metadata, target, only)
     # parameters no gradient had reached by the save have no state there, as in the run that wrote it
     never_stepped: Dict[str, Dict[str, Any]] = {}
     if optimizer is not None:
@@ -748,7 +781,7 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
         if isinstance(error, pickle.UnpicklingError) and path in str(error):
             raise
         raise damaged_checkpoint_error(path, error) from error
-    model.load_state_dict(target["model"])
+    model.load_state_dict(model_state)
     if optimizer is not None:
         full = optimizer.state_dict()
         full["state"].update(target.get("optim", {}))  # the empty states stay as they are

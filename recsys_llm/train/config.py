@@ -170,6 +170,8 @@ class DataConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+#: ``train.init_scope``: every weight of the init run, or only its embedding tables that this model shares
+INIT_SCOPES = ("all", "tables")
 
 
 @dataclasses.dataclass
@@ -213,6 +215,13 @@ class TrainConfig:
             (a resume goes on from its own): :mod:`recsys_llm.train.init_from`.
         init_optimizer (bool): with ``init_from``, also take its table and dense optimizer states (the
             same ``optim.sparse`` / ``optim.dense``); False: fresh optimizer state.
+        init_scope (str): what ``init_from`` gives: ``all`` (every weight: the same model settings and schema
+            fingerprint); ``tables``: only the trained embedding tables both models have (and, with
+            ``init_optimizer``, their optimizer states; the same ``optim.sparse``), for data whose fields changed
+            (the next day's data with a new feature column) or a model whose dense layers changed. A shared field
+            must be as it was (settings, vocabulary) and its table of the same shape (``model.embedding_dim``,
+            ``model.embedding_dtype``); new tables, the dense layers and the LLaCTR / ELEC plug-in weights start
+            fresh: :mod:`recsys_llm.train.init_from`.
         mixed_precision (str): ``fp32``: every training forward in float32; ``bf16``: under
             ``torch.autocast(dtype=torch.bfloat16)`` (matmuls and linears in bfloat16, the loss, reductions, weights,
             optimizer states and tables in float32; torchrec's ``custom_model_fwd`` of ``TrainPipelineSparseDist``).
@@ -238,13 +247,14 @@ class TrainConfig:
     pipelined_eval: Literal["auto", True, False] = "auto"
     init_from: str = ""
     init_optimizer: bool = True
+    init_scope: str = "all"
     mixed_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # a config built in Python: "false" or 1 would count as on
         check_bool_settings(self, ("resume", "progress", "reshard_mid_epoch", "flush_denormal", "init_optimizer"),
                             "train")
-        check_str_settings(self, ("device", "mixed_precision"), "train", paths=("run_dir", "init_from"))
+        check_str_settings(self, ("device", "mixed_precision", "init_scope"), "train", paths=("run_dir", "init_from"))
         for name in ("epochs", "max_steps", "eval_every", "patience", "checkpoint_every", "keep_checkpoints", "seed",
                      "metrics_window", "metrics_every"):  # True, 2.5 or NaN would pass the bounds below
             check_number(f"train.{name}", getattr(self, name), integer=True)
@@ -256,6 +266,8 @@ class TrainConfig:
             wrong.append(f"train.pipelined_eval={self.pipelined_eval!r} (must be 'auto', True or False)")
         if self.device not in DEVICES:
             wrong.append(f"train.device={self.device!r} (must be one of {', '.join(DEVICES)})")
+        if self.init_scope not in INIT_SCOPES:
+            wrong.append(f"train.init_scope={self.init_scope!r} (must be one of {', '.join(INIT_SCOPES)})")
         if self.mixed_precision not in AUTOCAST_DTYPES:
             wrong.append(f"train.mixed_precision={self.mixed_precision!r} (must be one of {', '.join(AUTOCAST_DTYPES)}"
                          + ("; fp16 would need a gradient scaler, which the fused table optimizers cannot take part in"
@@ -583,7 +595,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.run_dir", "train.resume", "train.device", "train.progress", "train.keep_checkpoints",
     "train.epochs", "train.max_steps", "train.patience", "train.eval_every", "train.checkpoint_every",
     "train.reshard_mid_epoch", "train.flush_denormal", "train.metrics_window", "train.metrics_every",
-    "train.pipelined_eval", "train.init_from", "train.init_optimizer",
+    "train.pipelined_eval", "train.init_from", "train.init_optimizer", "train.init_scope",
     "sharding.proposer_patience", "sharding.storage_reservation", "sharding.plan_file", "sharding.measure_pooling",
     "sharding.fused_params.cache_load_factor", "sharding.fused_params.bounds_check_mode",
     "sharding.table_constraints.*.fused_params.cache_load_factor",

@@ -17,7 +17,7 @@ import numpy as np
 from recsys_llm.atomic_dir import TryAgainLater, try_lock
 from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.schema_changes import schema_change_note
+from recsys_llm.data.schema_changes import schema_change_note, schema_changes
 from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.semantics.vector_export import REUSED_KEY
@@ -752,23 +752,64 @@ def finished_results(run_dir: str) -> Optional[Dict[str, Any]]:
     return results
 
 
-def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str) -> None:
+def check_trained_on(schema: DatasetSchema, saved_config: Optional[str], what: str, *,
+                     advice: str = "use data prepared like the training data") -> None:
     """Raises ConfigError when the run of ``saved_config`` trained on data of another schema
     (e.g. the same directory prepared again with other sizes), or on other vocabularies (the same source
-    prepared afresh instead of ``prepare tabular --like``; runs record them under :data:`VOCABULARIES_KEY`)."""
+    prepared afresh instead of ``prepare tabular --like``; runs record them under :data:`VOCABULARIES_KEY`).
+    ``advice``: what the message for another schema tells to do."""
     record = _trained_schema_record(saved_config)
     trained_on = record.get(SCHEMA_FINGERPRINT_KEY)
     if trained_on is not None and trained_on != schema.fingerprint():
         changes = schema_change_note(record.get(SCHEMA_CONTENTS_KEY), schema, " (other fields, sizes or descriptions)")
         raise ConfigError(
             f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
-            f"{schema.fingerprint()}{changes}: use data prepared like the training data"
+            f"{schema.fingerprint()}{changes}: {advice}"
         )
+    _check_same_vocabularies(schema, saved_config, record, what)
+
+
+def check_shared_fields(schema: DatasetSchema, saved_config: Optional[str], what: str) -> List[str]:
+    """:func:`check_trained_on` for the fields both the run of ``saved_config`` and ``schema`` have (a run that
+    takes only their tables, ``train.init_scope=tables``): each as it was (the same settings: cardinality, kind,
+    embedding_dim, description, ...) and of the same vocabulary, or one grown from it. Returns their names.
+
+    Raises:
+        ConfigError: a shared field whose settings or vocabulary differ, naming it; or a run that recorded no
+            schema contents (written before runs recorded them) trained on data of another fingerprint, which
+            cannot tell its fields.
+    """
+    record = _trained_schema_record(saved_config)
+    contents, trained_on = record.get(SCHEMA_CONTENTS_KEY), record.get(SCHEMA_FINGERPRINT_KEY)
+    if not isinstance(contents, dict) or not isinstance(contents.get("fields"), list):
+        if trained_on is not None and trained_on != schema.fingerprint():
+            raise ConfigError(f"{what}: trained on data with schema fingerprint {trained_on}, but {schema.root} has "
+                              f"{schema.fingerprint()}, and its run recorded no schema contents that tell which fields "
+                              "both share; use data prepared like its training data")
+        return [spec.name for spec in schema.fields]
+    before = {field.get("name") for field in contents["fields"] if isinstance(field, dict)}
+    shared = [spec.name for spec in schema.fields if spec.name in before]
+    changed = [change for change in schema_changes(contents, schema)
+               if any(change.startswith(f"{name}: ") for name in shared)]
+    if changed:
+        raise ConfigError(f"{what}: field(s) both runs have changed ({'; '.join(changed)}), so their tables would "
+                          "read other values or have another shape; expected each shared field as that run had it: "
+                          "prepare the data --like its training data (a new field may be added)")
+    _check_same_vocabularies(schema, saved_config, record, what, shared)
+    return shared
+
+
+def _check_same_vocabularies(schema: DatasetSchema, saved_config: Optional[str], record: Dict[str, Any], what: str,
+                             fields: Optional[List[str]] = None) -> None:
+    """Raises ConfigError where a vocabulary of ``schema`` (of ``fields`` alone, where given) means other values
+    than the one the run of ``saved_config`` trained on (``record``: its ``plugins.json``)."""
     recorded = record.get(VOCABULARIES_KEY)
     other = schema.changed_vocabularies(recorded) if isinstance(recorded, dict) else []
     reference = _training_data(saved_config) if other else None
     if reference is not None:  # an earlier day's shorter vocabularies may be checked against it
         other = schema.changed_vocabularies(recorded, reference)
+    if fields is not None:
+        other = [name for name in other if name in fields]
     if other:
         trained_dir = os.path.dirname(schema_json_path(load_config(saved_config).data.schema))
         raise ConfigError(

@@ -79,7 +79,14 @@ from recsys_llm.train.distributed import (
     sum_over_ranks,
 )
 from recsys_llm.train.eval_forwards import use_pipelined_eval
-from recsys_llm.train.init_from import INIT_FROM_KEY, check_init_source, load_init_source
+from recsys_llm.train.init_from import (
+    INIT_FROM_KEY,
+    check_init_source,
+    load_init_source,
+    start_line,
+    started_fields,
+    trained_tables,
+)
 from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.metrics import CTRMetrics
@@ -283,6 +290,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
     tables = find_tables(built.task)
+    init_tables = trained_tables(tables)  # before sharding replaces the EBCs: what train.init_scope=tables takes
     weights = table_weights(tables)
     if ctx.is_main and train_cfg.progress and weights >= NOTED_TABLE_WEIGHTS:
         print(f"sharding: planning {len(tables)} tables ({weights_text(weights)} weights) on {ctx.world_size} rank(s) "
@@ -305,7 +313,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     latest = earlier if train_cfg.resume else None
     init_record: Optional[Dict[str, Any]] = None
     if earlier is None:  # a run with checkpoints of its own goes on from them
-        init = run_on_every_rank(lambda: check_init_source(config, schema, plan, built.plugins),
+        init = run_on_every_rank(lambda: check_init_source(config, schema, plan, built.plugins, init_tables),
                                  "checking train.init_from", ctx.device)
         if init is not None:  # before the plug-in weights: frozen ones come from their own files
             init_record = load_init_source(init, model, optimizer)
@@ -454,12 +462,10 @@ def _train_in_run_dir(
         give_rank_its_own_stream(ctx.rank, ctx.device)  # dropout masks; a resume restores each rank's from its checkpoint
         # records before it are a job's that was killed before its first checkpoint: superseded
         log.write({"event": STARTED_EVENT, "global_step": 0, "epoch": 0, "mixed_precision": train_cfg.mixed_precision,
-                   **({INIT_FROM_KEY: init_record["checkpoint"]} if init_record is not None else {}),
+                   **(started_fields(init_record) if init_record is not None else {}),
                    **(job_provenance() if ctx.is_main else {})})
         if ctx.is_main and init_record is not None:
-            what = "weights and optimizer state" if init_record["optimizer"] else "weights"
-            print(f"starting {run_dir} from the {what} of {init_record['checkpoint']} (its step "
-                  f"{init_record['global_step']})", flush=True)
+            print(start_line(run_dir, init_record), flush=True)
     else:
         state = state_for_world(load_checkpoint(latest, model, optimizer), ctx, config.data.batch_size,
                                  train_cfg.seed, readers["train"])

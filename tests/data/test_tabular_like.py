@@ -25,8 +25,10 @@ from recsys_llm.serving.scoring import check_artifact_fits, score_split
 from recsys_llm.serving.served_model import ServedModel
 from recsys_llm.train.config import PLUGINS_FILE, ConfigError, load_config, save_config
 from recsys_llm.train.run_records import (
+    SCHEMA_CONTENTS_KEY,
     SCHEMA_FINGERPRINT_KEY,
     VOCABULARIES_KEY,
+    check_shared_fields,
     check_trained_on,
     trained_vocabularies,
 )
@@ -435,6 +437,38 @@ def test_data_prepared_afresh_instead_of_like_is_refused_where_its_ids_would_mea
     with pytest.raises(ValueError, match=r"fresh/schema\.json: the vocabulary of field\(s\) \['cats', 'city'\] is "
                                          r"not the one the artifact's model was trained on.*--like"):
         check_artifact_fits(served, fresh)
+
+
+def test_a_run_taking_the_shared_tables_checks_the_vocabularies_of_the_shared_fields_alone(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """``train.init_scope=tables`` (check_shared_fields): a shared field whose ids mean other values is refused, naming
+    it; a grown vocabulary passes; a field the earlier run lacked (a new column) is not compared."""
+    old = DatasetSchema.load(earlier["data"])
+    rows = _old_rows(seed=1)
+    rows["city"][:3] = ["Berlin"] * 3  # sorts in between the earlier cities: their ids shift
+    fresh_dir = str(tmp_path / "fresh")
+    prepare_tabular(_csv(tmp_path / "day2.csv", rows), earlier["schema"], fresh_dir)
+    fresh = DatasetSchema.load(fresh_dir)
+    assert fresh.changed_vocabularies(old.vocabulary_records()) == ["city"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved_config = str(run_dir / "config.yaml")
+    save_config(load_config(DEEPFM_CONFIG, [f"data.schema={earlier['data']}"]), saved_config)
+
+    def record(without: str = "") -> None:  # the earlier run's plugins.json, trained without the field ``without``
+        contents = old.fingerprinted()
+        contents = {**contents, "fields": [field for field in contents["fields"] if field["name"] != without]}
+        vocabularies = {name: value for name, value in old.vocabulary_records().items() if name != without}
+        (run_dir / PLUGINS_FILE).write_text(json.dumps({SCHEMA_FINGERPRINT_KEY: "earlier", SCHEMA_CONTENTS_KEY: contents,
+                                                        VOCABULARIES_KEY: vocabularies}))
+
+    record()
+    with pytest.raises(ConfigError, match=r"train\.init_from=runs/day1: the vocabulary of field\(s\) \[.*'city'"):
+        check_shared_fields(fresh, saved_config, "train.init_from=runs/day1")
+    assert "city" in check_shared_fields(DatasetSchema.load(_grown_day(earlier, tmp_path)), saved_config, "day2")
+    record(without="city")  # city is the day's new field: its table starts fresh, whatever its ids
+    shared = check_shared_fields(fresh, saved_config, "train.init_from=runs/day1")
+    assert "city" not in shared and "cats" in shared
 
 
 def _grown_day(earlier: Dict[str, str], tmp_path) -> str:

@@ -7,14 +7,22 @@ import json
 import os
 import shutil
 from typing import Any, Dict, List
+from unittest import mock
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from recsys_llm.file_hash import file_sha256
+from recsys_llm.serving.state import unsharded_state_dict
+from recsys_llm.train import runner
 from recsys_llm.train.checkpoint import DIGESTS_FILE
+from recsys_llm.train.checkpoint_reader import SafeFileSystemReader, WeightsOnlyLoadPlanner
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.init_from import INIT_FROM_KEY
+from recsys_llm.train.init_from import INIT_FROM_KEY, TableShape, _shared_tables
 from recsys_llm.train.runner import run_training
 from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
@@ -419,3 +427,161 @@ def test_a_run_whose_entity_vectors_come_from_another_llm_than_its_init_runs_is_
             checkpoint, plugins(keys_sha256="k2", num_rows=300, vocabulary='{"ids": 301}', **reused), "advice")
     with pytest.raises(ConfigError, match=r"item \(weights_sha256: 'a' -> 'b'\).*advice"):
         check_same_entity_vector_source(checkpoint, plugins(weights_sha256="b", num_rows=300), "advice")
+
+
+NEW_FIELD = "item_seller"
+TABLES = "model.embedding_bag_collection.embedding_bags"  # where DeepFM's state dict keeps its tables
+
+
+def _with_a_new_field(schema_dir: str, out: str, embedding_dim: int = 0) -> str:
+    """A copy of the data with one more sparse field (the next day's new feature column), every field of
+    ``embedding_dim`` where given."""
+    shutil.copytree(schema_dir, out)
+    schema_file = os.path.join(out, "schema.json")
+    with open(schema_file, encoding="utf-8") as handle:
+        schema = json.load(handle)
+    for split in schema["splits"].values():
+        table = pq.read_table(os.path.join(out, split))
+        sellers = pc.bit_wise_and(table.column("item_id"), pa.scalar(7, pa.int64()))
+        pq.write_table(table.append_column(NEW_FIELD, sellers), os.path.join(out, split), row_group_size=1024)
+    schema["fields"].append({"name": NEW_FIELD, "kind": "sparse", "cardinality": 8, "description": "who sells it"})
+    for field in schema["fields"]:
+        if embedding_dim and field["kind"] != "dense":
+            field["embedding_dim"] = embedding_dim
+    with open(schema_file, "w", encoding="utf-8") as handle:
+        json.dump(schema, handle)
+    return out
+
+
+def _saved_tables(checkpoint: str, names: List[str]) -> Dict[str, torch.Tensor]:
+    """``{table: weight}`` and ``{table.momentum1: row-wise Adagrad state}`` as ``checkpoint`` holds them."""
+    reader = SafeFileSystemReader(checkpoint)
+    saved = reader.read_metadata().state_dict_metadata
+    state: Dict[str, Any] = {"model": {}, "optim": {}}
+    for name in names:
+        key = f"{TABLES}.{name}.weight"
+        state["model"][key] = torch.empty(saved[f"model.{key}"].size)
+        state["optim"][key] = {f"{name}.momentum1": torch.empty(saved[f"optim.{key}.{name}.momentum1"].size)}
+    dcp.load(state, storage_reader=reader, planner=WeightsOnlyLoadPlanner())
+    return {**{key.split(".")[-2]: value for key, value in state["model"].items()},
+            **{name: value for states in state["optim"].values() for name, value in states.items()}}
+
+
+@contextlib.contextmanager
+def _weights_as_started(into: Dict[str, Dict[str, torch.Tensor]], name: str) -> Any:
+    """Keeps under ``into[name]`` the model's full weights (rank 0) as the run starts training (after
+    ``train.init_from``), and its tables' optimizer states as ``train.init_from`` left them (one rank)."""
+    plugin_state, init_source = runner.load_plugin_state, runner.load_init_source
+
+    def weights(model: torch.nn.Module, *args: Any) -> Any:
+        into[name] = unsharded_state_dict(model)
+        return plugin_state(model, *args)
+
+    def states(source: Any, model: torch.nn.Module, optimizer: Any) -> Any:
+        record = init_source(source, model, optimizer)
+        into[f"{name}_momentum"] = {
+            state_name: state.local_shards()[0].tensor.clone()
+            for key, param_state in optimizer.state_dict()["state"].items() if key.startswith(TABLES)
+            for state_name, state in param_state.items() if state.local_shards()}
+        return record
+
+    with mock.patch.object(runner, "load_plugin_state", weights), mock.patch.object(runner, "load_init_source",
+                                                                                    states):
+        yield
+
+
+def _start_on_a_day_with_a_new_field(schema_dir: str, root: str) -> Dict[str, Any]:
+    day1 = os.path.join(root, "day1")
+    steps = _run(schema_dir, day1)["global_step"]
+    checkpoint = os.path.join(day1, "checkpoints", f"ckpt-{steps:08d}")
+    day2 = _with_a_new_field(schema_dir, os.path.join(root, "data_day2"))
+    shared = [f"t_{name}" for name in ("user_id", "item_id", "item_category", "item_tags", "user_age_bucket",
+                                        "user_gender", "user_occupation", "hour_of_day", "device")]
+    saved = _saved_tables(checkpoint, shared)
+    started: Dict[str, Dict[str, torch.Tensor]] = {}
+    tables = [f"train.init_from={day1}", "train.init_scope=tables", "train.max_steps=1"]
+    with _weights_as_started(started, "tables"):
+        _run(day2, os.path.join(root, "tables"), tables)
+    with _weights_as_started(started, "fresh"):
+        _run(day2, os.path.join(root, "fresh"), ["train.max_steps=1"])
+    new_key = f"{TABLES}.t_{NEW_FIELD}.weight"
+    dense = [key for key in started["fresh"] if not key.startswith(TABLES)]
+    out: Dict[str, Any] = {
+        "shared_as_saved": all(torch.equal(started["tables"][f"{TABLES}.{name}.weight"], saved[name]) for name in shared),
+        "momenta_as_saved": all(torch.equal(started["tables_momentum"][f"{name}.momentum1"], saved[f"{name}.momentum1"])
+                                for name in shared),
+        "shared_trained": all(saved[f"{name}.momentum1"].any() for name in shared),
+        "new_table_fresh": torch.equal(started["tables"][new_key], started["fresh"][new_key]),
+        "new_momentum_fresh": not started["tables_momentum"][f"t_{NEW_FIELD}.momentum1"].any(),
+        "dense": dense,
+        "dense_fresh": all(torch.equal(started["tables"][key], started["fresh"][key]) for key in dense),
+        "shared_not_fresh": not any(torch.equal(started["tables"][f"{TABLES}.{name}.weight"],
+                                                started["fresh"][f"{TABLES}.{name}.weight"]) for name in shared),
+        "record": _record(os.path.join(root, "tables"))[INIT_FROM_KEY],
+        "started": _events(os.path.join(root, "tables"))[0], "checkpoint": checkpoint, "shared": shared,
+    }
+    refused = {
+        "all": (day2, [f"train.init_from={day1}"]),
+        "field_dim": (_with_a_new_field(schema_dir, os.path.join(root, "data_dim8"), embedding_dim=8), tables),
+        "model_dim": (day2, [*tables, "model.embedding_dim=8"]),
+    }
+    for name, (data, extra) in refused.items():
+        try:
+            _run(data, os.path.join(root, name), extra)
+        except ConfigError as error:
+            out[name] = str(error)
+        out[f"{name}_left"] = os.path.exists(os.path.join(root, name))
+    # another backbone keeping its tables where DeepFM does: its dense layers differ, which tables allows
+    out["dlrm"] = _run(day2, os.path.join(root, "dlrm"), [*tables, "model.name=dlrm"])["global_step"]
+    for name, table in (("shape", TableShape(f"{TABLES}.t_device.weight", 4, 8, torch.float32)),
+                        ("none_shared", TableShape("elsewhere.t_device.weight", 4, 16, torch.float32))):
+        try:  # what the checks before it leave to the checkpoint: a table of another shape, none where this has them
+            _shared_tables(checkpoint, {"t_device": table}, "train.init_from=day1")
+        except ConfigError as error:
+            out[name] = str(error)
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_run_on_data_with_a_new_field_takes_the_shared_tables_and_starts_the_rest_fresh(synthetic_dir: str,
+                                                                                          tmp_path) -> None:
+    """``train.init_scope=tables``: the shared fields' tables and their Adagrad states come bit for bit from the
+    checkpoint; the new field's table, its state and the dense layers are those of a fresh run."""
+    (out,) = run_multiprocess(_start_on_a_day_with_a_new_field, world_size=1, schema_dir=synthetic_dir,
+                              root=str(tmp_path))
+    assert out["shared_as_saved"] and out["momenta_as_saved"] and out["shared_trained"]
+    assert out["new_table_fresh"] and out["new_momentum_fresh"]
+    assert "model.head.weight" in out["dense"] and out["dense_fresh"] and out["shared_not_fresh"]
+    new_table = f"t_{NEW_FIELD}"
+    assert out["record"]["scope"] == "tables" and out["record"]["checkpoint"] == out["checkpoint"]
+    assert out["record"]["tables"] == sorted(out["shared"]) and out["record"]["fresh_tables"] == [new_table]
+    assert out["started"]["init_tables"] == sorted(out["shared"]) and out["started"]["fresh_tables"] == [new_table]
+    assert f"field '{NEW_FIELD}' only in the current schema" in out["all"] and "train.init_scope=tables" in out["all"]
+    assert "item_id: embedding_dim unset -> 8" in out["field_dim"] and "shared field" in out["field_dim"]
+    assert "model.embedding_dim: 16 -> 8" in out["model_dim"]
+    assert not any(out[f"{name}_left"] for name in ("all", "field_dim", "model_dim"))
+    assert out["dlrm"] == 1
+    assert "t_device: 4 x 16 float32 there, 4 x 8 float32 here" in out["shape"]
+    assert "holds none of this model's tables (t_device)" in out["none_shared"]
+
+
+def _start_tables_on_two_ranks(schema_dir: str, day1: str, run_dir: str) -> Dict[str, Any]:
+    started: Dict[str, Dict[str, torch.Tensor]] = {}
+    with _weights_as_started(started, "tables"):
+        _run(schema_dir, run_dir, [f"train.init_from={day1}", "train.init_scope=tables", "train.max_steps=1"])
+    return {key: value for key, value in started.get("tables", {}).items() if key.startswith(TABLES)}
+
+
+@pytest.mark.multiprocess
+def test_a_run_on_two_ranks_takes_the_shared_tables_of_a_one_rank_run(synthetic_dir: str, tmp_path) -> None:
+    day1 = str(tmp_path / "day1")
+    (trained,) = run_multiprocess(_run, world_size=1, schema_dir=synthetic_dir, run_dir=day1)
+    day2 = _with_a_new_field(synthetic_dir, str(tmp_path / "data_day2"))
+    first, second = run_multiprocess(_start_tables_on_two_ranks, world_size=2, schema_dir=day2, day1=day1,
+                                     run_dir=str(tmp_path / "day2"))
+    checkpoint = os.path.join(day1, "checkpoints", f"ckpt-{trained['global_step']:08d}")
+    shared = sorted(key.split(".")[-2] for key in first if not key.endswith(f"t_{NEW_FIELD}.weight"))
+    saved = _saved_tables(checkpoint, shared)
+    assert len(shared) == 9 and second == {}  # gathered on rank 0
+    assert all(torch.equal(first[f"{TABLES}.{name}.weight"], saved[name]) for name in shared)
+    assert _record(str(tmp_path / "day2"))[INIT_FROM_KEY]["fresh_tables"] == [f"t_{NEW_FIELD}"]

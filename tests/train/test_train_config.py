@@ -779,6 +779,7 @@ RESUME_FREE_OVERRIDES = {
     "train.eval_every": "2", "train.checkpoint_every": "10", "train.reshard_mid_epoch": "true",
     "train.flush_denormal": "false", "train.metrics_window": "4096", "train.metrics_every": "3",
     "train.pipelined_eval": "true", "train.init_from": "runs/day1", "train.init_optimizer": "false",
+    "train.init_scope": "tables",
     "sharding.proposer_patience": "0", "sharding.storage_reservation": "0.3",
     "sharding.plan_file": "plan.json", "sharding.measure_pooling": "false",
     "sharding.fused_params.cache_load_factor": "0.5", "sharding.fused_params.bounds_check_mode": "fatal",
@@ -824,6 +825,15 @@ def test_train_switches_built_in_python_are_bools(name):
 
     with pytest.raises(ValueError, match=rf"train\.{name}: expected true or false, got 'false'"):
         TrainConfig(**{name: "false"})
+
+
+def test_train_init_scope_is_all_or_tables():
+    """train.init_scope names what train.init_from takes; any other value is refused where the config is built."""
+    from recsys_llm.train.config import TrainConfig
+
+    assert TrainConfig().init_scope == "all" and TrainConfig(init_scope="tables").init_scope == "tables"
+    with pytest.raises(ValueError, match=r"train\.init_scope='dense' \(must be one of all, tables\)"):
+        TrainConfig(init_scope="dense")
 
 
 def test_sharding_switches_and_frozen_tables_built_in_python():
