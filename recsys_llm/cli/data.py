@@ -7,6 +7,7 @@ Examples::
     recsys-llm prepare criteo --input train.txt --out data/criteo --hash-size 1000000
     recsys-llm prepare tabular --input clicks.csv --schema clicks.yaml --out data/clicks --split-by ts
     recsys-llm prepare tabular --input day2.csv --like data/clicks --out data/clicks-day2
+    recsys-llm prepare tabular --input day2.csv --like data/clicks --schema clicks2.yaml --out data/clicks-day2
 """
 
 import argparse
@@ -140,20 +141,26 @@ def _config(args: argparse.Namespace):
 
 
 #: ``prepare tabular`` options that the earlier preparation decides, refused with ``--like``
-_LIKE_REFUSED = {"schema": "--schema", "split": "--split", "split_by": "--split-by", "seed": "--seed",
+_LIKE_REFUSED = {"split": "--split", "split_by": "--split-by", "seed": "--seed",
                  "vocabulary": "--vocabulary", "hash": "--hash"}
+#: of :data:`_LIKE_REFUSED`, those ``--like`` takes with a ``--schema`` that adds fields, for the new fields alone
+_NEW_FIELD_OPTIONS = ("vocabulary", "hash")
 
 
 def _check_like_options(args: argparse.Namespace) -> None:
     """Raises ValueError for the ``prepare tabular`` options the earlier preparation decided (:data:`_LIKE_REFUSED`)
-    given with ``--like``, even at their default values (``prepare_dataset`` refuses the other misfits: a
-    missing schema, ``--split-name`` without ``--like``)."""
+    given with ``--like``, even at their default values; with ``--schema`` (new fields), ``--vocabulary`` and
+    ``--hash`` are the new fields' (``prepare_dataset`` refuses the other misfits: a missing schema,
+    ``--split-name`` without ``--like``, those options naming an earlier field)."""
     if args.like is None:
         return
-    given = [flag for name, flag in _LIKE_REFUSED.items() if getattr(args, name) not in (None, [])]
+    given = [flag for name, flag in _LIKE_REFUSED.items() if getattr(args, name) not in (None, [])
+             and not (args.schema and name in _NEW_FIELD_OPTIONS)]
     if given:
+        options = "--split, --split-by, --seed" if args.schema else "--split, --split-by, --seed, --vocabulary, --hash"
         raise ValueError(f"prepare tabular --like {args.like}: {', '.join(given)} decided by the earlier preparation "
-                         "(its schema, splits and ids, which the new rows keep); expected them left out")
+                         f"(its splits and ids, which the new rows keep); expected them left out ({options} "
+                         "with --like)")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -228,12 +235,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          action=_one_input("a directory of Parquet files is one input, or join the CSV files first"),
                          help="CSV with header (.gz, .bz2, .zst, .lz4 are decompressed as read), Parquet file or directory")
     tabular.add_argument("--schema", default=None,
-                         help="schema file naming fields, label, row key, extras (required unless --like)")
+                         help="schema file naming fields, label, row key, extras (required unless --like); with "
+                              "--like, the earlier output's fields as they were plus new fields (a new column)")
     tabular.add_argument("--like", default=None, metavar="PREPARED_DIR",
                          help="prepare the new rows of --input into the schema and ids of this earlier prepare "
-                              "tabular output, as one split, so that a model trained on it scores them (no --schema, "
-                              "--split, --split-by, --seed, --vocabulary, --hash: the earlier preparation decided "
-                              "them); the label column is optional (default: none)")
+                              "tabular output, as one split, so that a model trained on it scores them (no --split, "
+                              "--split-by, --seed: the earlier preparation decided them); with --schema, the file's "
+                              "new fields are added, prepared as a fresh prepare tabular would (--vocabulary, --hash "
+                              "for them alone), for a run that takes the shared fields' tables "
+                              "(train.init_scope=tables); the label column is optional (default: none)")
     tabular.add_argument("--split-name", default=None, metavar="NAME",
                          help="with --like, the name of the one split written, NAME.parquet (default: test)")
     tabular.add_argument("--grow-vocabulary", action="store_true",

@@ -105,7 +105,7 @@ def prepare_dataset(
         progress (bool): tqdm bars.
         like_dir (Optional[str]): ``tabular`` only: an earlier ``prepare tabular`` output whose schema and ids
             the new rows are prepared into, as one split (:func:`~recsys_llm.data.tabular.like.prepare_tabular_like`;
-            no schema file then).
+            with ``schema_path``, a schema file of the earlier fields as they were plus new ones).
         split_name (Optional[str]): with ``like_dir``, the name of that split (None: ``test``).
         grow_vocabulary (bool): with ``like_dir``, values a vocabulary lacks take its table's free ids instead of
             id 0 (:mod:`~recsys_llm.data.tabular.growth`).
@@ -138,12 +138,9 @@ def prepare_dataset(
         raise ValueError("grow_vocabulary (--grow-vocabulary) gives the new values of rows prepared like an earlier "
                          "output ids of their own; expected it only with like_dir (--like)")
     if like_dir is not None:
-        if schema_path:
-            raise ValueError(f"prepare tabular --like {like_dir}: the schema is the earlier output's; expected no "
-                             f"schema file (--schema {schema_path})")
         schema = prepare_tabular_like(input_path, like_dir, out_dir, _source_config(source, config, TabularConfig),
                                       split_name=split_name or "test", progress=progress, field_ways=field_ways,
-                                      grow_vocabulary=grow_vocabulary)
+                                      grow_vocabulary=grow_vocabulary, schema_path=schema_path or None)
     elif source == "synthetic":
         c = _source_config(source, config, SyntheticConfig) or SyntheticConfig()
         schema = write_prepared(out_dir, "synthetic", [],

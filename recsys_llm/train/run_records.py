@@ -794,7 +794,8 @@ def check_shared_fields(schema: DatasetSchema, saved_config: Optional[str], what
     if changed:
         raise ConfigError(f"{what}: field(s) both runs have changed ({'; '.join(changed)}), so their tables would "
                           "read other values or have another shape; expected each shared field as that run had it: "
-                          "prepare the data --like its training data (a new field may be added)")
+                          "prepare the data --like its training data (with --schema, a file of its fields plus the new "
+                          "ones, to add fields)")
     _check_same_vocabularies(schema, saved_config, record, what, shared)
     return shared
 

@@ -192,7 +192,7 @@ def test_the_artifact_scores_the_new_rows(earlier: Dict[str, str], tmp_path, cap
     assert report["labeled"] is True and 0.0 <= report["auc"] <= 1.0 and report["logloss"] > 0
 
 
-@pytest.mark.parametrize("option", [["--schema", "x.yaml"], ["--split", "0.5,0.25,0.25"], ["--split-by", "ts"],
+@pytest.mark.parametrize("option", [["--split", "0.5,0.25,0.25"], ["--split-by", "ts"],
                                     ["--seed", "1"], ["--vocabulary", "user"], ["--hash", "query"]])
 def test_options_the_earlier_preparation_decided_are_refused(earlier: Dict[str, str], tmp_path, capsys,
                                                              option) -> None:
@@ -304,12 +304,10 @@ def test_a_repeated_column_and_a_bad_split_name_are_refused(earlier: Dict[str, s
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "day2.parquet")
 
 
-def test_prepare_dataset_refuses_like_with_a_schema_another_source_or_split_name_alone(earlier: Dict[str, str],
-                                                                                      tmp_path) -> None:
+def test_prepare_dataset_refuses_like_of_another_source_or_split_name_alone(earlier: Dict[str, str],
+                                                                           tmp_path) -> None:
     new = _csv(tmp_path / "new.csv", NEW)
     out = str(tmp_path / "o")
-    with pytest.raises(ValueError, match="expected no schema file"):
-        prepare_dataset("tabular", out, new, earlier["schema"], like_dir=earlier["data"], progress=False)
     with pytest.raises(ValueError, match="expected source tabular"):
         prepare_dataset("criteo", out, new, like_dir=earlier["data"], progress=False)
     with pytest.raises(ValueError, match="expected it only with like_dir"):
@@ -978,3 +976,106 @@ def test_an_earlier_days_vocabulary_is_checked_only_against_a_reference_that_hol
     recorded = reference.vocabulary_records()
     reference.ids = {name: way for name, way in reference.ids.items() if name != "city"}
     assert old.changed_vocabularies(recorded, reference) == ["city"]
+
+
+# a day that brings a new column, seller (the earlier data lacked it)
+SELLERS = ["acme", "bolt", "acme", ""]
+
+
+def _added_schema(tmp_path, fields=None, **changes) -> str:
+    """A schema file of the earlier fields (or ``fields``) plus a new sparse field ``seller``: its path."""
+    seller = {"name": "seller", "kind": "sparse", "cardinality": 20, "description": "seller of the item"}
+    raw = dict(SCHEMA, fields=(SCHEMA["fields"] if fields is None else fields) + [seller], **changes)
+    path = tmp_path / "shop2.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_schema_that_adds_a_field_keeps_the_earlier_ids_and_prepares_the_new_one_afresh(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """``--like DIR --schema FILE``: the earlier fields as plain ``--like`` prepares them (their ids, value texts), the
+    new field as a fresh ``prepare tabular`` of these rows; a run taking the shared tables accepts the output."""
+    rows = dict(NEW, seller=SELLERS, clicked=[0, 1, 1, 0])
+    new_csv = _csv(tmp_path / "day2.csv", rows)
+    ways: Dict[str, str] = {}
+    schema = prepare_tabular_like(new_csv, earlier["data"], str(tmp_path / "day2"), split_name="train",
+                                  schema_path=_added_schema(tmp_path), field_ways=ways)
+    plain = prepare_tabular_like(new_csv, earlier["data"], str(tmp_path / "plain"), split_name="train")
+    old = DatasetSchema.load(earlier["data"])
+    saved = DatasetSchema.load(str(tmp_path / "day2"))
+    assert [f.name for f in saved.fields] == ["user", "city", "query", "cats", "price", "seller"]
+    assert saved.ids == {**old.ids, "seller": "vocabulary"} and saved.fingerprint() == schema.fingerprint()
+    assert saved.fingerprint() != old.fingerprint() and saved.row_key == old.row_key and saved.label == old.label
+    assert ways["seller"] == "vocabulary (new field)" and ways["city"].startswith("vocabulary")
+    table, earlier_ids = (pq.read_table(os.path.join(d.root, "train.parquet")) for d in (saved, plain))
+    for name in ("user", "city", "query", "cats", "price", "clicked"):
+        assert table[name].to_pylist() == earlier_ids[name].to_pylist()
+    for name in ("city", "cats"):  # the earlier vocabularies, copied as they are
+        assert pq.read_table(saved.value_text_path(name)).equals(pq.read_table(old.value_text_path(name)))
+    assert pq.read_table(saved.value_text_path("seller"))["text"].to_pylist() == ["unknown", "acme", "bolt"]
+    assert table["seller"].to_pylist() == [1, 2, 1, 0]
+    run_dir = tmp_path / "run"  # the earlier run's records: trained on the earlier data
+    run_dir.mkdir()
+    save_config(load_config(DEEPFM_CONFIG, [f"data.schema={earlier['data']}"]), str(run_dir / "config.yaml"))
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({SCHEMA_FINGERPRINT_KEY: old.fingerprint(),
+                                                    SCHEMA_CONTENTS_KEY: old.fingerprinted(),
+                                                    VOCABULARIES_KEY: old.vocabulary_records()}))
+    shared = check_shared_fields(saved, str(run_dir / "config.yaml"), "train.init_from=runs/day1")
+    assert shared == ["user", "city", "query", "cats", "price"]
+    # the day after, prepared --like the output: the same fields and ids
+    day3 = prepare_tabular_like(new_csv, saved.root, str(tmp_path / "day3"))
+    assert day3.fingerprint() == saved.fingerprint()
+    assert pq.read_table(os.path.join(day3.root, "test.parquet"))["seller"].to_pylist() == [1, 2, 1, 0]
+
+
+def test_a_schema_with_a_new_field_grows_the_earlier_vocabularies_and_takes_its_options_from_the_cli(
+        earlier: Dict[str, str], tmp_path, capsys) -> None:
+    new_csv = _csv(tmp_path / "sellers.csv", dict(GROWING, seller=[7, 3, 7, 9, 3], clicked=[0, 1, 1, 0, 1]))
+    out = str(tmp_path / "with_seller")
+    assert cli_main(["prepare", "tabular", "--input", new_csv, "--like", earlier["data"], "--schema",
+                     _added_schema(tmp_path), "--out", out, "--split-name", "train", "--grow-vocabulary",
+                     "--vocabulary", "seller", "--quiet"]) == 0
+    assert "vocabulary (--vocabulary) (new field)" in capsys.readouterr().out
+    saved, grown = DatasetSchema.load(out), DatasetSchema.load(_grown_day(earlier, tmp_path))
+    assert saved.ids["seller"] == "vocabulary"
+    for name in ("city", "cats"):  # grown as plain --like --grow-vocabulary grows them
+        assert pq.read_table(saved.value_text_path(name)).equals(pq.read_table(grown.value_text_path(name)))
+    assert pq.read_table(saved.value_text_path("seller"))["text"].to_pylist() == ["unknown", "3", "7", "9"]
+    # --split (and --split-by, --seed) stay the earlier preparation's, with a schema too
+    code = cli_main(["prepare", "tabular", "--input", new_csv, "--like", earlier["data"], "--schema",
+                     _added_schema(tmp_path), "--out", str(tmp_path / "o"), "--split", "8,1,1", "--quiet"])
+    assert code != 0 and "--split decided by the earlier preparation" in capsys.readouterr().err
+
+
+def test_a_schema_that_changes_an_earlier_field_or_lacks_the_new_column_is_refused(earlier: Dict[str, str],
+                                                                                  tmp_path) -> None:
+    new_csv = _csv(tmp_path / "day2.csv", dict(NEW, seller=SELLERS))
+    out = str(tmp_path / "o")
+    fields = [dict(f, cardinality=12) if f["name"] == "city" else f for f in SCHEMA["fields"]]
+    with pytest.raises(SchemaError, match=r"shop2\.yaml: field 'city': cardinality 10 -> 12 \(earlier in .*"
+                                          r"schema\.json\); expected each field of the earlier data as it was"):
+        prepare_tabular_like(new_csv, earlier["data"], out, schema_path=_added_schema(tmp_path, fields))
+    fields = [dict(f, hashed=True) if f["name"] == "user" else f for f in SCHEMA["fields"]]
+    with pytest.raises(SchemaError, match=r"field 'user': hashed 'unset' -> True"):
+        prepare_tabular_like(new_csv, earlier["data"], out, schema_path=_added_schema(tmp_path, fields))
+    with pytest.raises(SchemaError, match=r"label 'click', but the earlier data's is 'clicked'"):
+        prepare_tabular_like(new_csv, earlier["data"], out, schema_path=_added_schema(tmp_path, label="click"))
+    with pytest.raises(DataError, match=r"day2\.csv: missing column\(s\) \['seller'\], new field\(s\) of .*shop2\.yaml"):
+        prepare_tabular_like(_csv(tmp_path / "day2.csv", NEW), earlier["data"], out,
+                             schema_path=_added_schema(tmp_path))
+    with pytest.raises(ValueError, match=r"--vocabulary city: field\(s\) of the earlier data, whose ids the earlier "
+                                         r"preparation decided; expected it only for the new field\(s\) \['seller'\]"):
+        prepare_tabular_like(new_csv, earlier["data"], out, TabularConfig(vocabulary_fields=("city",)),
+                             schema_path=_added_schema(tmp_path))
+    with pytest.raises(ValueError, match=r"--vocabulary"):  # without a schema, no field takes it
+        prepare_tabular_like(new_csv, earlier["data"], out, TabularConfig(vocabulary_fields=("seller",)))
+    assert not os.path.exists(out)
+
+
+def test_a_schema_that_leaves_out_an_earlier_field_drops_it_with_a_warning(earlier: Dict[str, str], tmp_path) -> None:
+    rows = {name: values for name, values in dict(NEW, seller=SELLERS).items() if name != "query"}
+    fields = [f for f in SCHEMA["fields"] if f["name"] != "query"]
+    with pytest.warns(UserWarning, match=r"shop2\.yaml: leaves out field\(s\) \['query'\] of the earlier data"):
+        schema = prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], str(tmp_path / "o"),
+                                      schema_path=_added_schema(tmp_path, fields))
+    assert [f.name for f in schema.fields] == ["user", "city", "cats", "price", "seller"] and "query" not in schema.ids

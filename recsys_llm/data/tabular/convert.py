@@ -110,10 +110,10 @@ def prepare_tabular(
                           "of its own holding a unique integer per row")
     if user_schema.row_key in user_schema.extra_columns:  # written once, as the row key
         user_schema.extra_columns = [c for c in user_schema.extra_columns if c != user_schema.row_key]
-    _check_field_options(config, user_schema, schema_path)
+    check_field_options(config, user_schema, schema_path)
     value_texts = [user_schema.value_text_path(spec.name) for spec in user_schema.fields if spec.value_text]
     # checked before any row is read, and written into the prepared directory as checked
-    user_texts = {spec.name: _user_value_text(user_schema, spec.name) for spec in user_schema.fields if spec.value_text}
+    user_texts = {spec.name: user_value_text(user_schema, spec.name) for spec in user_schema.fields if spec.value_text}
     plans: Dict[str, FieldPlan] = {}
     schema = write_prepared(
         out_dir, data_path, [data_path, schema_path] + value_texts,
@@ -126,7 +126,7 @@ def prepare_tabular(
     return schema
 
 
-def _check_field_options(config: TabularConfig, user_schema: DatasetSchema, schema_path: str) -> None:
+def check_field_options(config: TabularConfig, user_schema: DatasetSchema, schema_path: str) -> None:
     """Raises ValueError unless each field of ``--hash`` / ``--vocabulary`` (``TabularConfig.hash_fields``,
     ``vocabulary_fields``) is a categorical field of ``user_schema`` that can take that way to its ids."""
     for name in config.hash_fields:
@@ -196,7 +196,7 @@ def _convert(
     label_named: bool = True,
 ) -> DatasetSchema:
     """The conversion into the fresh directory ``out_dir``; returns the schema rooted there (not yet saved).
-    ``user_texts``: per field with its own value-text file, that file as :func:`_user_value_text` checked it;
+    ``user_texts``: per field with its own value-text file, that file as :func:`user_value_text` checked it;
     ``plans_out``: when given, filled with each categorical field's plan; ``label_named``: the schema file names its
     label column (else it is the default ``label``)."""
     available = source_columns(data_path, config)
@@ -245,6 +245,23 @@ def _convert(
                                                 progress)
     if plans_out is not None:
         plans_out.update(plans)
+    check_planned_fields(data_path, user_schema, plans, config)
+    total = len(split_values) if split_values is not None else rows
+    split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
+    schema = _output_schema(user_schema, plans, out_dir, user_texts)
+    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **bar_options())
+    try:
+        write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar, column_types)
+    finally:
+        bar.close()
+    return schema
+
+
+def check_planned_fields(data_path: str, user_schema: DatasetSchema, plans: Dict[str, FieldPlan],
+                         config: TabularConfig) -> None:
+    """After the first pass (``plans``): raises DataError where a field with its own value-text file would not
+    keep the column's integer ids (a vocabulary or hashed text), and warns of vocabularies holding missing-looking
+    values or one text in several Unicode forms."""
     for spec in user_schema.fields:
         if spec.value_text and plans[spec.name].mode == "vocab":
             vocabulary = plans[spec.name].vocabulary
@@ -266,18 +283,9 @@ def _convert(
         if plan.mode == "vocab":
             _warn_of_missing_markers(data_path, name, plan.vocabulary)
             _warn_of_unicode_variants(data_path, name, plan.vocabulary)
-    total = len(split_values) if split_values is not None else rows
-    split_rows = split_of_rows(total, split_values, config, data_path) if split_values is not None else None
-    schema = _output_schema(user_schema, plans, out_dir, user_texts)
-    bar = tqdm(total=total, desc="tabular rows", unit="row", disable=not progress, **bar_options())
-    try:
-        write_splits(data_path, user_schema, schema, plans, columns, row_key, split_rows, config, bar, column_types)
-    finally:
-        bar.close()
-    return schema
 
 
-def _user_value_text(user_schema: DatasetSchema, field: str) -> pa.Table:
+def user_value_text(user_schema: DatasetSchema, field: str) -> pa.Table:
     """The user's value-text file of ``field`` with ``id`` as int64 and ``text`` as UTF-8 strings (what the
     LLM steps read), other columns kept.
 
@@ -427,13 +435,12 @@ def near_names(missing: List[str], available: List[str]) -> str:
             if near else "")
 
 
-def _output_schema(
-    user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str, user_texts: Dict[str, pa.Table]
-) -> DatasetSchema:
-    """The output schema rooted at ``out_dir``; writes vocabularies and the user's checked value texts
-    (``user_texts``, per field) into ``out_dir/text``."""
+def new_field_specs(specs: List[FieldSpec], plans: Dict[str, FieldPlan], out_dir: str,
+                    user_texts: Dict[str, pa.Table]) -> List[FieldSpec]:
+    """The fields ``specs`` as the output under ``out_dir`` records them; writes their vocabularies (``plans``)
+    and the user's checked value texts (``user_texts``, per field) into ``out_dir/text``."""
     fields = []
-    for spec in user_schema.fields:
+    for spec in specs:
         value_text = spec.value_text
         plan = plans.get(spec.name)
         if plan is not None and plan.mode == "vocab":
@@ -444,6 +451,15 @@ def _output_schema(
             os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
             pq.write_table(user_texts[spec.name], os.path.join(out_dir, value_text))
         fields.append(dataclasses.replace(spec, value_text=value_text))
+    return fields
+
+
+def _output_schema(
+    user_schema: DatasetSchema, plans: Dict[str, FieldPlan], out_dir: str, user_texts: Dict[str, pa.Table]
+) -> DatasetSchema:
+    """The output schema rooted at ``out_dir``; writes vocabularies and the user's checked value texts
+    (``user_texts``, per field) into ``out_dir/text``."""
+    fields = new_field_specs(user_schema.fields, plans, out_dir, user_texts)
     return DatasetSchema(
         name=user_schema.name,
         fields=fields,
