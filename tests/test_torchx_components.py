@@ -303,6 +303,8 @@ class TestEncodeComponent:
             with pytest.raises(ValueError, match="gpu=8 would hold 7 more idle"):
                 load("encode")(job, gpu=8)
             assert load("encode")(job, gpu=1).roles[0].resource.gpu == 1
+            with pytest.raises(ValueError, match="gpu=2 would hold 1 more idle"):  # the smallest idle GPU too
+                load("encode")(job, gpu=2)
         assert load("encode")("export", gpu=8).roles[0].resource.gpu == 8
 
 

@@ -25,8 +25,8 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_field_texts_fit, check_number_fields
 from recsys_llm.semantics.pooling import POOLINGS
 from recsys_llm.semantics.ssft_adapter import is_tuned_base, load_tuned_encoder, read_adapter_info
-from recsys_llm.semantics.store import (StoredVectors, VectorProvenance, cached_encode, check_same_llm_output, load_vectors,
-                                         save_vectors)
+from recsys_llm.semantics.store import (StoredVectors, VectorProvenance, cached_encode, check_same_vectors_output,
+                                         load_vectors, save_vectors)
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 from recsys_llm.typed_config import check_bool_settings, check_str_settings
 
@@ -170,8 +170,8 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
     Raises:
         ValueError: ``output`` is a directory, or the SSFT adapter was not tuned on these fields (both
             checked before the model loads).
-        FileExistsError: ``output`` holds vectors of another LLM or adapter (checked before encoding:
-            :func:`~recsys_llm.semantics.store.check_same_llm_output`).
+        FileExistsError: ``output`` holds other vectors (another LLM or adapter, template, field texts, ...;
+            checked before encoding: :func:`~recsys_llm.semantics.store.check_same_vectors_output`).
     """
     if os.path.isdir(output):  # the file's path is wanted: found only when writing, after encoding otherwise
         raise ValueError(f"{output}: is a directory; give the path of the field-vector file to write, "
@@ -187,13 +187,11 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
         info = read_adapter_info(config.adapter_dir)
         check_adapter_fields(config.adapter_dir, info, schema, [f.name for f in fields])
     encoder, templates, info = build_field_encoder(config)
-    check_same_llm_output(output, encoder.model_id, encoder.model_hash)  # before encoding
     texts = [field_text(f, templates) for f in fields]
     check_field_texts_fit(encoder, [f.name for f in fields], texts, "semantics encode", refuse_alike=False)
     if info:
         _warn_of_texts_not_tuned_on(config.adapter_dir, info, [f.name for f in fields], texts,
                                     config.override_templates)
-    vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
     extra = {"texts": texts, "templates": json.loads(templates.describe()), "dtype": encoder.dtype}
     if info:
         extra["ssft_adapter"] = os.path.abspath(config.adapter_dir)
@@ -202,5 +200,7 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
         model_id=encoder.model_id, model_hash=encoder.model_hash, pooling=encoder.pooling,
         template=templates.template_id(), left_out=left_out, extra=extra, max_length=encoder.max_length,
     ).for_schema(schema)
+    check_same_vectors_output(output, provenance)  # before encoding
+    vectors = cached_encode(encoder, texts, templates.template_id(), config.cache_dir)  # (F, d_llm)
     save_vectors(output, vectors, [f.name for f in fields], provenance)
     return load_vectors(output, schema=schema)

@@ -205,23 +205,43 @@ def _stored_provenance(path: str) -> Optional[Dict[str, Any]]:
     return provenance if "keys" in metadata and provenance.get("schema_fingerprint") else None
 
 
-def check_same_llm_output(path: str, model_id: str, model_hash: str) -> None:
-    """Raises when ``path`` holds a field-vector file of another LLM (or SSFT adapter) than ``model_hash``: runs
-    trained on those vectors read the file to resume, evaluate and export, while an adapted LLM that ``semantics
-    adapt`` replaces leaves the exports made from it, and the runs trained on them, working. Nothing to check where
-    ``path`` holds no field-vector file (:func:`check_vector_output` vouched for it).
+#: the provenance entries (and ``extra`` entries) a field-vector file's vectors depend on: two files that differ in
+#: one hold other vectors; where they lie, when and by which command line they were written do not count
+VECTOR_IDENTITY_KEYS = ("model_hash", "pooling", "template", "max_length", "schema_semantic_fingerprint",
+                        "schema_fields", "left_out")
+VECTOR_IDENTITY_EXTRA_KEYS = ("texts", "dtype")
+
+
+def _vector_identity(provenance: Mapping[str, Any]) -> Dict[str, Any]:
+    """The :data:`VECTOR_IDENTITY_KEYS` and :data:`VECTOR_IDENTITY_EXTRA_KEYS` of a provenance dict."""
+    extra = provenance.get("extra") or {}
+    return {**{key: provenance.get(key) for key in VECTOR_IDENTITY_KEYS},
+            **{key: extra.get(key) for key in VECTOR_IDENTITY_EXTRA_KEYS}}
+
+
+def check_same_vectors_output(path: str, provenance: VectorProvenance) -> None:
+    """Raises when ``path`` holds a field-vector file whose vectors differ from those ``provenance`` describes
+    (another LLM or SSFT adapter, pooling, template, field texts, fields, dtype): runs trained on it read the file
+    to resume, evaluate and export, so an LLM upgrade or a new template writes beside it. The same vectors written
+    again replace it; so does anything where ``path`` holds no field-vector file (:func:`check_vector_output`
+    vouched for it). Entries an older file lacks are not compared.
 
     Raises:
-        FileExistsError: naming both models and the way out.
+        FileExistsError: naming the entries that differ, both models and the way out.
     """
     earlier = _stored_provenance(path) if os.path.isfile(path) else None
-    if earlier is None or earlier.get("model_hash") in (None, model_hash):
+    if earlier is None:
+        return
+    before, now = _vector_identity(earlier), _vector_identity(provenance.to_dict())
+    differing = [key for key in now if before[key] is not None and before[key] != now[key]]
+    if not differing:
         return
     raise FileExistsError(
-        f"{path}: holds field vectors of another LLM ({earlier.get('model_id')!r}, fingerprint "
-        f"{earlier.get('model_hash')}) than this encode's ({model_id!r}, fingerprint {model_hash}); runs trained on "
-        "them read this file to resume, evaluate and export. Write the new vectors to another --output (then train "
-        "them in a new train.run_dir with llactr.vectors_path=NEW), or delete the file first to replace it"
+        f"{path}: holds other field vectors (of {earlier.get('model_id')!r}, fingerprint {earlier.get('model_hash')}) "
+        f"than this encode's (of {provenance.model_id!r}, fingerprint {provenance.model_hash}; differing: "
+        f"{', '.join(differing)}); runs trained on them read this file to resume, evaluate and export. Write the new "
+        "vectors to another --output (then train them in a new train.run_dir with llactr.vectors_path=NEW), or "
+        "delete the file first to replace it"
     )
 
 

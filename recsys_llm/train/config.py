@@ -540,7 +540,7 @@ def _follow_moved_entity_vectors(raw: Dict[str, Any], from_file: Dict[str, Any])
     vectors_moved, table_moved = elec.get("entity_vectors") != recorded, tables.get(field) != recorded
     if vectors_moved and not table_moved:
         tables[field] = elec["entity_vectors"]
-    elif table_moved and not vectors_moved:
+    elif table_moved and not vectors_moved and field in tables:  # an override that removed it: ELECConfig names it
         elec["entity_vectors"] = tables[field]
 
 

@@ -469,6 +469,24 @@ def test_a_run_taking_the_shared_tables_checks_the_vocabularies_of_the_shared_fi
     assert "city" not in shared and "cats" in shared
 
 
+def test_a_run_that_recorded_no_schema_contents_gives_its_tables_only_for_data_of_its_fingerprint(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """``check_shared_fields`` of a run written before runs recorded their schema contents: it cannot tell which
+    fields both share, so data of another fingerprint is refused (not every field taken as shared, whatever it now
+    means); data of its own fingerprint shares every field."""
+    old = DatasetSchema.load(earlier["data"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved_config = str(run_dir / "config.yaml")
+    save_config(load_config(DEEPFM_CONFIG, [f"data.schema={earlier['data']}"]), saved_config)
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({SCHEMA_FINGERPRINT_KEY: "earlier"}))
+    with pytest.raises(ConfigError, match=r"day1: trained on data with schema fingerprint earlier, .*recorded no "
+                                          r"schema contents"):
+        check_shared_fields(old, saved_config, "day1")
+    (run_dir / PLUGINS_FILE).write_text(json.dumps({SCHEMA_FINGERPRINT_KEY: old.fingerprint()}))
+    assert check_shared_fields(old, saved_config, "day1") == [spec.name for spec in old.fields]
+
+
 def _grown_day(earlier: Dict[str, str], tmp_path) -> str:
     """The next day's labeled rows (GROWING) prepared like the earlier data with --grow-vocabulary: its directory."""
     grown_dir = str(tmp_path / "day2")

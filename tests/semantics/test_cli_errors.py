@@ -175,16 +175,24 @@ def _no_work(*args, **kwargs):
     raise AssertionError("the model was loaded before the output was checked")
 
 
-def test_encode_replaces_its_own_earlier_vector_file(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
+def test_encode_replaces_its_own_earlier_vector_file_and_refuses_other_vectors_over_it(tmp_path, tiny_schema, tiny_bert_dir, capsys) -> None:
     from recsys_llm.semantics.store import load_vectors
 
     output = str(tmp_path / "fields.safetensors")
     args = ["semantics", "encode", "--schema", tiny_schema.root, "--model", tiny_bert_dir, "--output", output]
     assert main(args) == 0
     first = load_vectors(output, schema=tiny_schema).provenance.created_at
-    assert main(args + ["--pooling", "cls"]) == 0  # re-encoding with other settings replaces it
-    stored = load_vectors(output, schema=tiny_schema)
-    assert stored.provenance.pooling == "cls" and stored.provenance.created_at >= first
+    assert main(args) == 0  # the same vectors again replace it
+    assert load_vectors(output, schema=tiny_schema).provenance.created_at >= first
+    capsys.readouterr()
+    # other settings give other vectors, which runs trained on the file's would no longer find
+    assert main(args + ["--pooling", "cls"]) == 2
+    refusal = _error_line(capsys)
+    assert "holds other field vectors" in refusal and "differing: pooling" in refusal, refusal
+    assert load_vectors(output, schema=tiny_schema).provenance.pooling != "cls"
+    os.remove(output)
+    assert main(args + ["--pooling", "cls"]) == 0
+    assert load_vectors(output, schema=tiny_schema).provenance.pooling == "cls"
 
 
 def test_a_tune_output_dir_of_other_files_is_refused_before_any_work(tmp_path, tiny_schema, tiny_bert_dir, capsys,

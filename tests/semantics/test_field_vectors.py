@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,7 @@ from recsys_llm.cli import main
 from recsys_llm.cli import semantics as semantics_cli
 from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
 from recsys_llm.semantics.store import VectorProvenanceError, load_vectors
+from recsys_llm.semantics.templates import PromptTemplates
 from tests.semantics.conftest import make_schema
 
 
@@ -414,8 +416,17 @@ def test_vectors_of_another_llm_are_not_written_over_an_earlier_llms(tmp_path, t
     output = str(tmp_path / "fields.safetensors")
     earlier = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)
     encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)  # its own file
-    with pytest.raises(FileExistsError, match=r"holds field vectors of another LLM .* delete the file first"):
+    with pytest.raises(FileExistsError, match=r"holds other field vectors .*differing: model_hash.* delete the file"):
         encode_field_vectors(FieldVectorConfig(model_path=tiny_llama_dir), tiny_schema, output)
+    other_template = FieldVectorConfig(model_path=tiny_bert_dir, templates=PromptTemplates(field="{description} {name}"))
+    with pytest.raises(FileExistsError, match=r"differing: template, texts\)"):  # the same LLM, other texts
+        encode_field_vectors(other_template, tiny_schema, output)
     kept = load_vectors(output)
     assert kept.provenance.model_hash == earlier.provenance.model_hash
     torch.testing.assert_close(kept.vectors, earlier.vectors, atol=0, rtol=0)
+    grown = dataclasses.replace(tiny_schema, fields=[  # a table grew: the same fields' texts, the same vectors
+        dataclasses.replace(spec, cardinality=spec.cardinality + 10) if spec.is_categorical else spec
+        for spec in tiny_schema.fields])
+    assert grown.fingerprint() != tiny_schema.fingerprint()
+    replaced = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), grown, output)
+    assert replaced.provenance.schema_fingerprint == grown.fingerprint()

@@ -430,3 +430,24 @@ def test_a_vector_file_of_this_schema_keyed_by_names_that_are_no_field_is_refuse
     save_vectors(path, torch.randn(2, 4), ["color", "colour"], _provenance().for_schema(tiny_schema))
     with pytest.raises(VectorProvenanceError, match=r"keys \['colour'\] are not fields of schema"):
         load_vectors(path, schema=tiny_schema)
+
+
+def test_a_safetensors_file_with_provenance_but_no_field_vectors_is_not_written_over(tmp_path) -> None:
+    """``check_vector_output``: only a file ``save_vectors`` wrote (its ``keys`` and a provenance with a schema
+    fingerprint) may be replaced; another safetensors file that carries a provenance (an entity-vector export, a
+    file of another tool) was taken for field vectors and replaced by `semantics encode --output`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from recsys_llm.semantics.store import check_vector_output
+
+    provenance = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="{name}").to_dict()
+    other = str(tmp_path / "other.safetensors")
+    save_file({"vectors": torch.ones(2, 3)}, other, metadata={"provenance": json.dumps(provenance)})
+    with pytest.raises(FileExistsError, match="exists and is not a field-vector file"):
+        check_vector_output(other)
+    ours = str(tmp_path / "ours.safetensors")
+    save_vectors(ours, torch.ones(2, 3), ["a", "b"], VectorProvenance(model_id="m", model_hash="h", pooling="mean",
+                                                                       template="{name}", schema_fingerprint="s"))
+    check_vector_output(ours)  # its own file: encoded again in place

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.file_hash import file_sha256
 from recsys_llm.serving.state import unsharded_state_dict
@@ -22,7 +24,13 @@ from recsys_llm.train import runner
 from recsys_llm.train.checkpoint import DIGESTS_FILE
 from recsys_llm.train.checkpoint_reader import SafeFileSystemReader, WeightsOnlyLoadPlanner
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.init_from import INIT_FROM_KEY, TableShape, _shared_tables
+from recsys_llm.train.init_from import (
+    INIT_FROM_KEY,
+    TableShape,
+    _check_optimizer_state_fits,
+    _shared_tables,
+    trained_tables,
+)
 from recsys_llm.train.runner import run_training
 from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
@@ -470,7 +478,8 @@ def _saved_tables(checkpoint: str, names: List[str]) -> Dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _weights_as_started(into: Dict[str, Dict[str, torch.Tensor]], name: str) -> Any:
     """Keeps under ``into[name]`` the model's full weights (rank 0) as the run starts training (after
-    ``train.init_from``), and its tables' optimizer states as ``train.init_from`` left them (one rank)."""
+    ``train.init_from``), and its tables' optimizer states as ``train.init_from`` left them (one rank), and under
+    ``into[name + "_dense_state"]`` the dense parameters that hold optimizer state by then."""
     plugin_state, init_source = runner.load_plugin_state, runner.load_init_source
 
     def weights(model: torch.nn.Module, *args: Any) -> Any:
@@ -483,6 +492,8 @@ def _weights_as_started(into: Dict[str, Dict[str, torch.Tensor]], name: str) -> 
             state_name: state.local_shards()[0].tensor.clone()
             for key, param_state in optimizer.state_dict()["state"].items() if key.startswith(TABLES)
             for state_name, state in param_state.items() if state.local_shards()}
+        into[f"{name}_dense_state"] = sorted(key for key, param_state in optimizer.state_dict()["state"].items()
+                                             if not key.startswith(TABLES) and param_state)
         return record
 
     with mock.patch.object(runner, "load_plugin_state", weights), mock.patch.object(runner, "load_init_source",
@@ -515,15 +526,26 @@ def _start_on_a_day_with_a_new_field(schema_dir: str, root: str) -> Dict[str, An
         "new_momentum_fresh": not started["tables_momentum"][f"t_{NEW_FIELD}.momentum1"].any(),
         "dense": dense,
         "dense_fresh": all(torch.equal(started["tables"][key], started["fresh"][key]) for key in dense),
+        "dense_optimizer_state": started["tables_dense_state"],
         "shared_not_fresh": not any(torch.equal(started["tables"][f"{TABLES}.{name}.weight"],
                                                 started["fresh"][f"{TABLES}.{name}.weight"]) for name in shared),
         "record": _record(os.path.join(root, "tables"))[INIT_FROM_KEY],
         "started": _events(os.path.join(root, "tables"))[0], "checkpoint": checkpoint, "shared": shared,
     }
+    with _weights_as_started(started, "weights_only"):  # train.init_optimizer=false: the tables' weights alone
+        _run(day2, os.path.join(root, "weights_only"), [*tables, "train.init_optimizer=false"])
+    out["weights_only_as_saved"] = all(torch.equal(started["weights_only"][f"{TABLES}.{name}.weight"], saved[name])
+                                       for name in shared)
+    out["weights_only_momenta_fresh"] = not any(started["weights_only_momentum"][f"{name}.momentum1"].any()
+                                                for name in shared)
+    out["weights_only_record"] = _record(os.path.join(root, "weights_only"))[INIT_FROM_KEY]
+    # the dense optimizer's state is not taken: another optim.dense is fine
+    out["dense_sgd"] = _run(day2, os.path.join(root, "dense_sgd"), [*tables, "optim.dense=sgd"])["global_step"]
     refused = {
         "all": (day2, [f"train.init_from={day1}"]),
         "field_dim": (_with_a_new_field(schema_dir, os.path.join(root, "data_dim8"), embedding_dim=8), tables),
         "model_dim": (day2, [*tables, "model.embedding_dim=8"]),
+        "sparse": (day2, [*tables, "optim.sparse=adagrad"]),
     }
     for name, (data, extra) in refused.items():
         try:
@@ -552,6 +574,8 @@ def test_a_run_on_data_with_a_new_field_takes_the_shared_tables_and_starts_the_r
     assert out["shared_as_saved"] and out["momenta_as_saved"] and out["shared_trained"]
     assert out["new_table_fresh"] and out["new_momentum_fresh"]
     assert "model.head.weight" in out["dense"] and out["dense_fresh"] and out["shared_not_fresh"]
+    # the dense optimizer starts fresh too: a materialised Adam state (one zero step) changed its first steps' sizes
+    assert out["dense_optimizer_state"] == []
     new_table = f"t_{NEW_FIELD}"
     assert out["record"]["scope"] == "tables" and out["record"]["checkpoint"] == out["checkpoint"]
     assert out["record"]["tables"] == sorted(out["shared"]) and out["record"]["fresh_tables"] == [new_table]
@@ -559,7 +583,13 @@ def test_a_run_on_data_with_a_new_field_takes_the_shared_tables_and_starts_the_r
     assert f"field '{NEW_FIELD}' only in the current schema" in out["all"] and "train.init_scope=tables" in out["all"]
     assert "item_id: embedding_dim unset -> 8" in out["field_dim"] and "shared field" in out["field_dim"]
     assert "model.embedding_dim: 16 -> 8" in out["model_dim"]
-    assert not any(out[f"{name}_left"] for name in ("all", "field_dim", "model_dim"))
+    assert not any(out[f"{name}_left"] for name in ("all", "field_dim", "model_dim", "sparse"))
+    # train.init_optimizer=false: the shared tables' weights, their optimizer states fresh
+    assert out["weights_only_as_saved"] and out["weights_only_momenta_fresh"]
+    assert out["weights_only_record"]["optimizer"] is False and out["weights_only_record"]["scope"] == "tables"
+    assert "optim.sparse: 'row_wise_adagrad' -> 'adagrad'" in out["sparse"]
+    assert "train.init_optimizer=false" in out["sparse"]
+    assert out["dense_sgd"] == 1
     assert out["dlrm"] == 1
     assert "t_device: 4 x 16 float32 there, 4 x 8 float32 here" in out["shape"]
     assert "holds none of this model's tables (t_device)" in out["none_shared"]
@@ -585,3 +615,32 @@ def test_a_run_on_two_ranks_takes_the_shared_tables_of_a_one_rank_run(synthetic_
     assert len(shared) == 9 and second == {}  # gathered on rank 0
     assert all(torch.equal(first[f"{TABLES}.{name}.weight"], saved[name]) for name in shared)
     assert _record(str(tmp_path / "day2"))[INIT_FROM_KEY]["fresh_tables"] == [f"t_{NEW_FIELD}"]
+
+
+def test_the_tables_of_frozen_plugin_ebcs_are_not_taken_from_the_init_run() -> None:
+    """``trained_tables``: ELEC's entity tables and a frozen teacher's (EBCs marked ``frozen``) come from their own
+    files; taken from the init run too, the next day's entity table (more rows) would be refused as another shape, or
+    the earlier day's vectors loaded where the new day's belong."""
+    trained = EmbeddingBagCollection([EmbeddingBagConfig(name="t_user_id", embedding_dim=4, num_embeddings=3,
+                                                         feature_names=["user_id"])], device=torch.device("meta"))
+    entity = EmbeddingBagCollection([EmbeddingBagConfig(name="entity_item_id", embedding_dim=8, num_embeddings=5,
+                                                        feature_names=["item_id"])], device=torch.device("meta"))
+    entity.frozen = True
+    shapes = trained_tables({"t_user_id": ("model.embedding_bag_collection", trained),
+                             "entity_item_id": ("model.elec.embedding_bag_collection", entity)})
+    assert shapes == {"t_user_id": TableShape("model.embedding_bag_collection.embedding_bags.t_user_id.weight", 3, 4,
+                                              torch.float32)}
+
+
+def test_a_frozen_table_of_the_init_run_that_this_run_does_not_take_needs_no_optimizer_state() -> None:
+    """``train.init_scope=tables`` checks the optimizer states of the tables it takes alone: a table the earlier run
+    kept frozen (no state) whose field this run dropped takes none, and would be refused as 'frozen there, trained
+    here'. One it takes is still refused."""
+    saved = load_config(DEEPFM_CONFIG, ["sharding.frozen_tables=[t_device]"])
+    config = load_config(DEEPFM_CONFIG, ["train.init_from=runs/day1", "train.init_scope=tables"])
+    with mock.patch("recsys_llm.train.init_from.check_same_table_state_layout"):
+        _check_optimizer_state_fits(config, saved, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
+                                    tables=["t_user_id"])
+        with pytest.raises(ConfigError, match=r"sharding\.frozen_tables: t_device frozen there"):
+            _check_optimizer_state_fits(config, saved, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
+                                        tables=["t_user_id", "t_device"])

@@ -1581,3 +1581,33 @@ def test_dcp_coordinates_on_the_host_group(tmp_path, monkeypatch) -> None:
     path = CheckpointManager(str(tmp_path), keep=1).save(model, None, TrainState(global_step=1))
     load_checkpoint(path, nn.Linear(2, 1), restore_rng=False)
     assert groups == [host, host]
+
+
+class _LinearWithScale(nn.Linear):
+    """A Linear(2, 2) with one more weight, ``scale``, that a checkpoint of a plain Linear(2, 2) lacks."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.scale = nn.Parameter(torch.full((2,), 3.0))
+
+
+def test_load_checkpoint_only_loads_the_keys_asked_for_and_names_the_ones_it_cannot(tmp_path) -> None:
+    """``load_checkpoint(only=...)`` (``train.init_scope=tables``): the keys of ``only`` come from the checkpoint, the
+    model's other weights stay as they were. A key the model lacks was dropped silently (nothing loaded, the run
+    starting from fresh weights it took for trained ones); a key the checkpoint lacks, likewise."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = nn.Linear(2, 2)
+    path = tmp_path / "ckpt-00000001"
+    dcp.save({"model": saved.state_dict()}, checkpoint_id=str(path), no_dist=True)
+    (path / "train_state.json").write_text(TrainState(global_step=1).to_json(), encoding="utf-8")
+    target = _LinearWithScale()
+    bias, scale = target.bias.detach().clone(), target.scale.detach().clone()
+    load_checkpoint(str(path), target, restore_rng=False, only=["weight"])
+    assert torch.equal(target.weight, saved.weight) and not torch.equal(target.bias, saved.bias)
+    assert torch.equal(target.bias, bias) and torch.equal(target.scale, scale)
+    with pytest.raises(ValueError, match=r"asked to load \['nope'\], which this model does not have"):
+        load_checkpoint(str(path), target, restore_rng=False, only=["weight", "nope"])
+    with pytest.raises(ValueError, match=r"holds no \['scale'\] to load \(a checkpoint of another model\)"):
+        load_checkpoint(str(path), target, restore_rng=False, only=["scale"])
+    assert torch.equal(target.scale, scale) and torch.equal(target.bias, bias)

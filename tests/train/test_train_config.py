@@ -954,3 +954,5 @@ def test_an_override_of_one_entity_export_key_moves_both_a_run_config_records(tm
         assert parsed.entity_vectors == "runs/new" and parsed.entity_tables == {"item_id": "runs/new"}
     with pytest.raises(ConfigError, match="name two vector directories"):
         load_config(str(path), ["elec.entity_vectors=runs/a", "elec.entity_tables.item_id=runs/b"])
+    emptied = load_config(str(path), ["elec.entity_tables={}"]).elec  # no KeyError: left to ELECConfig
+    assert emptied["entity_tables"] == {} and emptied["entity_vectors"] == "runs/old"

@@ -741,7 +741,9 @@ def _kill_before_the_first_checkpoint_then_start_again(schema_dir: str, root: st
     killed = _events(run_dir)
     # nothing to resume, so nothing is checked: the new job may train with other settings
     _run(schema_dir, run_dir, ["train.epochs=1", "optim.dense_lr=0.01"])
-    return {"killed": killed, "events": _events(run_dir), "standing": read_metrics(run_dir)}
+    with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
+        results = json.load(handle)
+    return {"killed": killed, "events": _events(run_dir), "standing": read_metrics(run_dir), "results": results}
 
 
 @pytest.mark.multiprocess
@@ -755,6 +757,10 @@ def test_a_job_after_one_killed_before_its_first_checkpoint_marks_the_earlier_re
     assert events[len(killed)]["event"] == "started"  # the new job's first record
     assert out["standing"] == events[len(killed):]
     assert [e["event"] for e in out["standing"]] == ["started", "epoch", "valid", "test", "finished"]
+    # the finished record says where the job ended as results.json does (a monitor reads it instead)
+    finished, results = out["standing"][-1], out["results"]
+    assert {key: finished[key] for key in ("global_step", "epochs", "best_step")} == {
+        key: results[key] for key in ("global_step", "epochs", "best_step")}
 
 
 def test_metrics_records_superseded_by_a_later_job_are_skipped_and_old_files_stay_readable(tmp_path) -> None:
