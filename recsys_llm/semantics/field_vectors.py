@@ -25,8 +25,8 @@ from recsys_llm.data.schema import DatasetSchema
 from recsys_llm.semantics.encoder import NumberRule, TextEncoder, check_field_texts_fit, check_number_fields
 from recsys_llm.semantics.pooling import POOLINGS
 from recsys_llm.semantics.ssft_adapter import is_tuned_base, load_tuned_encoder, read_adapter_info
-from recsys_llm.semantics.store import (StoredVectors, VectorProvenance, cached_encode, check_same_vectors_output,
-                                         load_vectors, save_vectors)
+from recsys_llm.semantics.store import (StoredVectors, VectorProvenance, cached_encode, check_same_fields_output,
+                                         check_same_vectors_output, load_vectors, save_vectors)
 from recsys_llm.semantics.templates import PromptTemplates, field_text, select_fields
 from recsys_llm.typed_config import check_bool_settings, check_str_settings
 
@@ -170,8 +170,9 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
     Raises:
         ValueError: ``output`` is a directory, or the SSFT adapter was not tuned on these fields (both
             checked before the model loads).
-        FileExistsError: ``output`` holds other vectors (another LLM or adapter, template, field texts, ...;
-            checked before encoding: :func:`~recsys_llm.semantics.store.check_same_vectors_output`).
+        FileExistsError: ``output`` holds vectors of other fields (before the model loads:
+            :func:`~recsys_llm.semantics.store.check_same_fields_output`) or other vectors (another LLM or adapter,
+            template, field texts, ...; before encoding: :func:`~recsys_llm.semantics.store.check_same_vectors_output`).
     """
     if os.path.isdir(output):  # the file's path is wanted: found only when writing, after encoding otherwise
         raise ValueError(f"{output}: is a directory; give the path of the field-vector file to write, "
@@ -183,6 +184,7 @@ def encode_field_vectors(config: FieldVectorConfig, schema: DatasetSchema, outpu
             f"schema {schema.name!r}: no field has a description, so no field vector can be made; "
             "describe the fields or set include_fields_without_description"
         )
+    check_same_fields_output(output, schema)  # before the model loads
     if config.adapter_dir:  # before the model loads
         info = read_adapter_info(config.adapter_dir)
         check_adapter_fields(config.adapter_dir, info, schema, [f.name for f in fields])

@@ -245,6 +245,33 @@ def check_same_vectors_output(path: str, provenance: VectorProvenance) -> None:
     )
 
 
+def check_same_fields_output(path: str, schema: DatasetSchema) -> None:
+    """Raises when ``path`` holds a field-vector file made for other fields than ``schema``'s (another
+    ``schema_semantic_fingerprint``: a field added, dropped, renamed or described otherwise): runs trained on it
+    read it to resume, evaluate and export, and a run on the next day's schema with a new field needs vectors of
+    its own beside them. Files without that record, and anything :func:`check_vector_output` vouched for that is
+    no field-vector file, pass.
+
+    Raises:
+        FileExistsError: naming both field lists' difference and the way out.
+    """
+    earlier = _stored_provenance(path) if os.path.isfile(path) else None
+    recorded = (earlier or {}).get("schema_semantic_fingerprint")
+    if not recorded or recorded == schema.semantic_fingerprint():
+        return
+    fields = [f.name for f in schema.fields]
+    before = earlier.get("schema_fields") or []
+    added, dropped = [n for n in fields if n not in before], [n for n in before if n not in fields]
+    what = "; ".join(part for part in (f"added {added}" if added else "", f"dropped {dropped}" if dropped else "")
+                     if part) or "names, kinds, descriptions, order or label changed"
+    raise FileExistsError(
+        f"{path}: holds field vectors of other fields than schema {schema.name!r} has ({what}; field-vector "
+        f"fingerprint {recorded} there, {schema.semantic_fingerprint()} here); runs trained on them read this file "
+        "to resume, evaluate and export. Write the new vectors to another --output (the next day's schema: "
+        "runs/fields_day2.safetensors, trained with llactr.vectors_path=NEW), or delete the file first to replace it"
+    )
+
+
 def check_cache_dir(cache_dir: Optional[str]) -> None:
     """Raises unless ``cache_dir`` can hold the encoded-text cache (``semantics encode --cache-dir``):
     None (no cache), a directory, or a path to create under the nearest existing directory.
@@ -293,7 +320,8 @@ def _check_schema(path: str, provenance: VectorProvenance, schema: DatasetSchema
     raise VectorProvenanceError(
         f"vectors in {path} were made for {made_for}; the current schema {schema.name!r} has {fingerprint} "
         f"{current} with fields {names}{what_differs}. Re-encode them for this schema "
-        "(`recsys-llm semantics encode`)."
+        "(`recsys-llm semantics encode`, to a new --output: runs trained on this file read it) and train with "
+        "llactr.vectors_path=NEW."
     )
 
 

@@ -22,6 +22,7 @@ Example::
 """
 
 import os
+import re
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
@@ -32,6 +33,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 
 from recsys_llm.data.schema import DatasetSchema
+from recsys_llm.modules.semantic_table import TABLE_PREFIX as SEMANTIC_TABLE_PREFIX
 from recsys_llm.train.checkpoint import (
     checkpoint_digests,
     load_checkpoint,
@@ -194,9 +196,13 @@ def _shared_tables(checkpoint: str, tables: Mapping[str, TableShape], what: str)
     shared = {name: table for name, table in sorted(tables.items()) if table.key in saved}
     if not shared:
         raise ConfigError(f"{what}: its checkpoint holds none of this model's tables ({', '.join(sorted(tables))}) "
-                          "where this model keeps them (another backbone, or no field in common); expected the "
-                          "tables of the fields both runs have, or leave train.init_from unset to start from fresh "
-                          "weights")
+                          f"under {', '.join(sorted({t.key.rsplit('.', 2)[0] for t in tables.values()}))} "
+                          f"({_where_kept(saved)}); expected the tables of the fields both runs have where "
+                          "this model keeps them: a plain or LLaCTR run keeps a field's table as t_<field> under "
+                          "model., an ELEC gain network as teacher_<field> under model., an ELEC teacher-student "
+                          "pair as student_<field> under student.model. (and teacher_<field> under teacher.model.), "
+                          "so tables pass between runs of one of these kinds only; or leave train.init_from unset to "
+                          "start from fresh weights")
     other = [f"{name}: {_shape_text(list(saved[table.key].size), saved[table.key].properties.dtype)} there, "
              f"{_shape_text([table.rows, table.dim], table.dtype)} here" for name, table in shared.items()
              if (list(saved[table.key].size), saved[table.key].properties.dtype) !=
@@ -206,6 +212,19 @@ def _shared_tables(checkpoint: str, tables: Mapping[str, TableShape], what: str)
                           "expected each as that run built it (the same model.embedding_dim, model.embedding_dtype, "
                           "and each shared field's cardinality and embedding_dim), or leave train.init_from unset")
     return {name: table.key for name, table in shared.items()}
+
+
+def _where_kept(saved: Mapping[str, Any]) -> str:
+    """What a checkpoint's model keys (``saved``, without ``model.``) say of its tables, for a message:
+    ``"that run keeps t_city, t_user under model.embedding_bag_collection.embedding_bags"``, or that it keeps none."""
+    places: Dict[str, List[str]] = {}
+    for key in saved:
+        match = re.fullmatch(r"(.*embedding_bags)\.([^.]+)\.weight", key)
+        if match and not match.group(2).startswith(SEMANTIC_TABLE_PREFIX):  # frozen entity tables: never taken
+            places.setdefault(match.group(1), []).append(match.group(2))
+    if not places:
+        return "that run keeps no embedding table"
+    return "; ".join(f"that run keeps {', '.join(sorted(names))} under {path}" for path, names in sorted(places.items()))
 
 
 def _shape_text(size: List[int], dtype: torch.dtype) -> str:
@@ -276,6 +295,5 @@ def start_line(run_dir: str, record: Dict[str, Any]) -> str:
     what = "weights and optimizer state" if record["optimizer"] else "weights"
     if record.get("scope") == "tables":
         fresh = ", ".join(record["fresh_tables"]) or "no table"
-        what = (f"tables {', '.join(record['tables'])} ({what}; fresh: {fresh}, the dense layers and the "
-                "plug-ins' weights)")
+        what = f"tables {', '.join(record['tables'])} ({what}; fresh: {fresh} and every other weight)"
     return f"starting {run_dir} from the {what} of {record['checkpoint']} (its step {record['global_step']})"

@@ -430,3 +430,31 @@ def test_vectors_of_another_llm_are_not_written_over_an_earlier_llms(tmp_path, t
     assert grown.fingerprint() != tiny_schema.fingerprint()
     replaced = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), grown, output)
     assert replaced.provenance.schema_fingerprint == grown.fingerprint()
+
+
+def test_vectors_of_the_next_days_schema_are_not_written_over_the_earlier_days(tmp_path, tiny_schema, tiny_bert_dir,
+                                                                               monkeypatch) -> None:
+    """A day that brings a new field needs field vectors of its own: the same LLM re-encoding them into day 1's
+    file replaced it, and day 1's run could no longer evaluate, export or resume (its refusal then asked to
+    re-encode). Refused before the model loads; the same fields encode again over their own file."""
+    from recsys_llm.data.schema import FieldSpec
+    from recsys_llm.semantics import field_vectors
+
+    output = str(tmp_path / "fields.safetensors")
+    earlier = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)
+    encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), tiny_schema, output)  # its own fields
+    day2 = dataclasses.replace(tiny_schema, fields=[*tiny_schema.fields, FieldSpec(
+        "seller", "sparse", cardinality=10, description="seller of the item")])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(field_vectors, "build_field_encoder", no_model)
+    with pytest.raises(FileExistsError, match=r"other fields than schema 'tiny' has \(added \['seller'\]; .* "
+                                              r"another --output .* delete the file first"):
+        encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), day2, output)
+    kept = load_vectors(output, schema=tiny_schema)
+    torch.testing.assert_close(kept.vectors, earlier.vectors, atol=0, rtol=0)
+    monkeypatch.undo()
+    stored = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), day2, str(tmp_path / "day2.safetensors"))
+    assert stored.keys[-1] == "seller"

@@ -644,3 +644,19 @@ def test_a_frozen_table_of_the_init_run_that_this_run_does_not_take_needs_no_opt
         with pytest.raises(ConfigError, match=r"sharding\.frozen_tables: t_device frozen there"):
             _check_optimizer_state_fits(config, saved, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
                                         tables=["t_user_id", "t_device"])
+def test_a_checkpoint_whose_tables_are_kept_under_other_names_is_refused_naming_where_each_keeps_them(
+        tmp_path) -> None:
+    """A plain day 1 run and an ELEC gain network on day 2 (or a gain network and a student) share no table key:
+    ELEC names its tables after their network. The refusal names where each run keeps them (the checkpoint's frozen
+    entity tables left out: never taken) and the kinds of run tables pass between, not another backbone."""
+    checkpoint = str(tmp_path / "ckpt")
+    dcp.save({"model": {f"{TABLES}.teacher_city.weight": torch.zeros(4, 4),
+                        "model.semantic_table.embedding_bag_collection.embedding_bags.semantic_item.weight":
+                            torch.zeros(3, 8)}}, checkpoint_id=checkpoint, no_dist=True)
+    with pytest.raises(ConfigError) as refused:
+        _shared_tables(checkpoint, {"t_city": TableShape(f"{TABLES}.t_city.weight", 4, 4, torch.float32)},
+                       "train.init_from=runs/gain")
+    message = str(refused.value)
+    assert f"holds none of this model's tables (t_city) under {TABLES}" in message
+    assert f"that run keeps teacher_city under {TABLES})" in message and "semantic_item" not in message
+    assert "an ELEC gain network as teacher_<field>" in message and "runs of one of these kinds only" in message
