@@ -70,7 +70,7 @@ import pickle
 import random
 import re
 import shutil
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional
+from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -684,6 +684,7 @@ def load_checkpoint(
     *,
     restore_rng: bool = True,
     only: Optional[Collection[str]] = None,
+    sources: Optional[Mapping[str, str]] = None,
 ) -> TrainState:
     """Loads a checkpoint into a sharded model (and optimizer) in place (collective).
 
@@ -700,6 +701,10 @@ def load_checkpoint(
             optimizer states of these parameters alone; the table step counter too): the model's other weights
             and states stay as they are, the checkpoint's other tensors unread (``train.init_scope=tables``).
             None: everything, the checkpoint holding no weights this model lacks.
+        sources (Optional[Mapping[str, str]]): with ``only``, the checkpoint's key each of these keys loads from
+            where it differs (a table the checkpoint keeps under another name: ``train.init_scope=tables`` matching
+            tables by field; one checkpoint key may feed several of them); their optimizer states come from that
+            key's, renamed alike (``<table>.momentum1``). None: each key from the same key.
 
     Returns:
         TrainState: the saved training position.
@@ -714,24 +719,27 @@ def load_checkpoint(
     if os.path.normpath(path).endswith(".tmp") or not os.path.isfile(os.path.join(path, TRAIN_STATE_FILE)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE_FILE} or a .tmp directory)")
     try:
-        return _load_complete_checkpoint(path, model, optimizer, restore_rng, only)
+        return _load_complete_checkpoint(path, model, optimizer, restore_rng, only, sources or {})
     except (Exception, CheckpointException) as error:
         if not os.path.isdir(path):
             raise _removed_while_read(path) from error
         raise
 
 
-def _only_keys(path: str, metadata: Metadata, target: Dict[str, Any], only: Collection[str]) -> Dict[str, Any]:
+def _only_keys(path: str, metadata: Metadata, target: Dict[str, Any], only: Collection[str],
+               sources: Mapping[str, str]) -> Dict[str, Any]:
     """``target`` (:func:`_dcp_state`) restricted to the model keys ``only`` and their parameters' optimizer states
     (keyed alike); ``optim`` left out where none is left (DCP saves no key for an empty dict).
 
     Raises:
-        ValueError: a key of ``only`` that the model or the checkpoint ``path`` (its ``metadata``) lacks.
+        ValueError: a key of ``only`` that the model or the checkpoint ``path`` (its ``metadata``) lacks (under
+            its key of ``sources``, where given).
     """
     lacking = sorted(key for key in only if key not in target["model"])
     if lacking:
         raise ValueError(f"{path}: asked to load {lacking}, which this model does not have")
-    unsaved = sorted(key for key in only if f"model.{key}" not in metadata.state_dict_metadata)
+    unsaved = sorted(sources.get(key, key) for key in only
+                     if f"model.{sources.get(key, key)}" not in metadata.state_dict_metadata)
     if unsaved:
         raise ValueError(f"{path}: holds no {unsaved} to load (a checkpoint of another model)")
     kept: Dict[str, Any] = {"model": {key: value for key, value in target["model"].items() if key in only}}
@@ -739,6 +747,29 @@ def _only_keys(path: str, metadata: Metadata, target: Dict[str, Any], only: Coll
     if optim:
         kept["optim"] = optim
     return kept
+
+
+def _renamed_rounds(target: Dict[str, Any], sources: Mapping[str, str]) -> List[Dict[str, Any]]:
+    """``target`` keyed by the checkpoint's keys (``sources``: this model's key -> the checkpoint's, where they
+    differ), holding this model's tensors, for DCP to load in place: a parameter's optimizer states renamed from
+    its table's name to the checkpoint table's (``student_x.momentum1`` <- ``t_x.momentum1``). A checkpoint key that
+    feeds several of this model's keys needs one load for each: one dict per round, each checkpoint key once in it.
+    The rounds follow the model keys alone, which every rank holds (their optimizer states may differ by rank)."""
+    rounds: List[Dict[str, Any]] = []
+    optim = target.get("optim", {})
+    for key in sorted(target["model"]):
+        source = sources.get(key, key)
+        part = next((part for part in rounds if source not in part["model"]), None)
+        if part is None:
+            part = {"model": {}}
+            rounds.append(part)
+        part["model"][source] = target["model"][key]
+        if key in optim:
+            table, source_table = key.split(".")[-2], source.split(".")[-2]
+            part.setdefault("optim", {})[source] = {
+                (f"{source_table}.{name[len(table) + 1:]}" if name.startswith(f"{table}.") else name): state
+                for name, state in optim[key].items()}
+    return rounds
 
 
 def _removed_while_read(path: str) -> FileNotFoundError:
@@ -750,7 +781,8 @@ def _removed_while_read(path: str) -> FileNotFoundError:
 
 
 def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[CombinedOptimizer],
-                              restore_rng: bool, only: Optional[Collection[str]] = None) -> TrainState:
+                              restore_rng: bool, only: Optional[Collection[str]] = None,
+                              sources: Optional[Mapping[str, str]] = None) -> TrainState:
     """:func:`load_checkpoint` of a directory that holds a complete checkpoint."""
     state = read_train_state(path)
     verify_digests(path)
@@ -767,7 +799,7 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
     if only is None:
         require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
     else:
-        target = _only_keys(path, metadata, target, only)
+        target = _only_keys(path, metadata, target, only, sources or {})
     # parameters no gradient had reached by the save have no state there, as in the run that wrote it
     never_stepped: Dict[str, Dict[str, Any]] = {}
     if optimizer is not None:
@@ -775,8 +807,11 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
                                        before_first_step=_written_before_first_step(state))
     for key in never_stepped:  # the states of the part's other parameters stay in target["optim"]
         del target["optim"][key]
+    # keyed by the checkpoint's keys where this model keeps a table under another (``sources``): loaded in place
+    rounds = _renamed_rounds(target, sources) if sources else [target]
     try:
-        dcp.load(target, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), process_group=host_group())
+        for part in rounds:
+            dcp.load(part, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), process_group=host_group())
     except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
         if isinstance(error, pickle.UnpicklingError) and path in str(error):
             raise

@@ -8,12 +8,13 @@ goes on with the step sizes it had reached instead of starting again from its la
 Frozen plug-in weights (ELEC's entity tables and frozen teacher) come from their own files
 afterwards, as in any new run.
 
-With ``train.init_scope=tables`` it takes only the trained embedding tables both models have (the same
-state-dict key: a field both schemas share; with ``train.init_optimizer`` their optimizer states too) and
-leaves everything else fresh: tables of new fields, the dense layers (whose input width changes with the
-fields) and the plug-ins' trained weights (LLaCTR's FRE/FIE field state, ELEC's gain-network projections),
-which belong to the earlier fields and vectors. The next day's data may then add (or drop) fields; each
-shared field must be as it was (settings, vocabulary or one grown from it) and its table of the same shape.
+With ``train.init_scope=tables`` it takes only the trained embedding tables of the fields both runs have
+(:mod:`recsys_llm.train.init_tables`: under the same state-dict key, or matched by field; with
+``train.init_optimizer`` their optimizer states too) and leaves everything else fresh: tables of new fields, the
+dense layers (whose input width changes with the fields) and the plug-ins' trained weights (LLaCTR's FRE/FIE field
+state, ELEC's gain-network projections), which belong to the earlier fields and vectors. The next day's data may
+then add (or drop) fields; each shared field must be as it was (settings, vocabulary or one grown from it) and its
+table of the same shape.
 
 Example::
 
@@ -22,18 +23,14 @@ Example::
 """
 
 import os
-import re
-from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, Mapping, NamedTuple, Optional, Tuple
 
-import torch
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import data_type_to_dtype
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.modules.semantic_table import TABLE_PREFIX as SEMANTIC_TABLE_PREFIX
+from recsys_llm.modules.elec import TEACHER_PREFIX
 from recsys_llm.train.checkpoint import (
     checkpoint_digests,
     load_checkpoint,
@@ -42,8 +39,8 @@ from recsys_llm.train.checkpoint import (
     run_config_of,
     run_dir_of,
 )
-from recsys_llm.train.checkpoint_reader import SafeFileSystemReader
-from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, config_differences, load_config
+from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, load_config
+from recsys_llm.train.init_tables import TableShape, check_table_settings, shared_tables, table_of
 from recsys_llm.train.resume import check_same_table_state_layout
 from recsys_llm.train.run_records import (
     PLAN_FILE,
@@ -60,43 +57,18 @@ OPTIMIZER_KINDS = ("sparse", "dense")
 #: model settings a new run may change from its init run: the files of frozen weights it loads afresh (the next
 #: day's entity vectors, with vectors for its new ids; of the width ``elec.vector_dim`` keeps)
 INIT_FREE_KEYS = ("elec.entity_vectors", "elec.entity_tables")
-#: ``train.init_scope=tables``: the model settings that shape every table's weights (a field's own
-#: ``embedding_dim`` in ``schema.json`` is compared with the field)
-TABLE_SETTINGS = ("model.embedding_dim", "model.embedding_dtype")
-
-
-class TableShape(NamedTuple):
-    """A trained embedding table of this run's model (:func:`trained_tables`): its weight's key in the sharded
-    model's state dict, rows, columns and dtype."""
-
-    key: str
-    rows: int
-    dim: int
-    dtype: torch.dtype
 
 
 class InitSource(NamedTuple):
     """The checked checkpoint a new run starts from (:func:`check_init_source`): with ``tables`` (table name ->
-    state-dict key; ``train.init_scope=tables``) only those tables, ``fresh_tables`` left as initialised."""
+    state-dict key; ``train.init_scope=tables``) only those tables, ``fresh_tables`` left as initialised;
+    ``sources``: the checkpoint's key of each of those keys it keeps under another (a table matched by field)."""
 
     checkpoint: str
     with_optimizer: bool
     tables: Optional[Dict[str, str]] = None
     fresh_tables: Tuple[str, ...] = ()
-
-
-def trained_tables(tables: Mapping[str, Tuple[str, EmbeddingBagCollection]]) -> Dict[str, TableShape]:
-    """The tables of :func:`~recsys_llm.train.planner_inputs.find_tables` (of the model before sharding) that
-    training fills: all but those of frozen plug-in EBCs (ELEC's entity tables, a frozen teacher's), which come
-    from their own files. Tables of ``sharding.frozen_tables`` count: they keep the weights they start from."""
-    shapes = {}
-    for name, (path, ebc) in tables.items():
-        if getattr(ebc, "frozen", False):
-            continue
-        config = next(config for config in ebc.embedding_bag_configs() if config.name == name)
-        shapes[name] = TableShape(f"{path}.embedding_bags.{name}.weight", config.num_embeddings,
-                                  config.embedding_dim, data_type_to_dtype(config.data_type))
-    return shapes
+    sources: Optional[Dict[str, str]] = None
 
 
 def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: ShardingPlan,
@@ -109,7 +81,8 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
         plan (ShardingPlan): this run's sharding plan (a row-wise Adagrad state cannot be re-cut into
             other column shards).
         plugins (Dict[str, Any]): this run's plug-in records (``BuiltTask.plugins``).
-        tables (Mapping[str, TableShape]): this run's trained tables (:func:`trained_tables`), which
+        tables (Mapping[str, TableShape]): this run's trained tables
+            (:func:`~recsys_llm.train.init_tables.trained_tables`), which
             ``train.init_scope=tables`` takes where the checkpoint has them.
 
     Raises:
@@ -118,8 +91,9 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
             adapted LLM (other ids are fine: the day's export), or (with
             ``train.init_optimizer``) another kind of optimizer, a table trained here that it kept
             frozen, or another column split. With ``train.init_scope=tables`` instead of another model or
-            schema: other :data:`TABLE_SETTINGS`, a shared field changed (settings, vocabulary), a shared
-            table of another shape, or no shared table at all; and of the optimizers only ``optim.sparse``.
+            schema: other :data:`~recsys_llm.train.init_tables.TABLE_SETTINGS`, a shared field changed
+            (settings, vocabulary), a shared table of another shape, a table whose field two of the checkpoint's
+            tables embed (naming them), or no shared table at all; and of the optimizers only ``optim.sparse``.
     """
     train_cfg = config.train
     if not train_cfg.init_from:
@@ -164,72 +138,19 @@ def _check_tables_source(config: ExperimentConfig, schema: DatasetSchema, plan: 
     """:func:`check_init_source` under ``train.init_scope=tables``: the tables it takes and those left fresh."""
     what = f"train.init_from={config.train.init_from}"
     saved = load_config(saved_config)
-    _check_table_settings(config, saved, what)
-    check_shared_fields(schema, saved_config, what)
-    taken = _shared_tables(checkpoint, tables, what)
+    check_table_settings(config, saved, what)
+    fields = check_shared_fields(schema, saved_config, what)
+    elec = saved.elec or {}
+    # a frozen teacher's tables are not that run's training but its teacher export's: never matched by field
+    frozen_teacher = elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "frozen"
+    taken = shared_tables(checkpoint, tables, what, fields=fields,
+                          untaken_prefixes=(TEACHER_PREFIX,) if frozen_teacher else ())
     if config.train.init_optimizer:
         _check_optimizer_state_fits(config, saved, plan, os.path.join(run_dir_of(checkpoint), PLAN_FILE),
-                                    kinds=("sparse",), tables=taken)
-    return InitSource(checkpoint, config.train.init_optimizer, taken,
-                      tuple(sorted(name for name in tables if name not in taken)))
-
-
-def _check_table_settings(config: ExperimentConfig, saved: ExperimentConfig, what: str) -> None:
-    """Raises ConfigError where ``config`` sets one of :data:`TABLE_SETTINGS` otherwise than ``saved``."""
-    changed = [difference for difference in config_differences(saved, config)
-               if difference.split(":", 1)[0] in TABLE_SETTINGS]
-    if changed:
-        raise ConfigError(f"{what}: its run built its tables with other settings ({'; '.join(changed)}), so no table "
-                          "of it fits this model's; expected the same, or leave train.init_from unset to start from "
-                          "fresh weights")
-
-
-def _shared_tables(checkpoint: str, tables: Mapping[str, TableShape], what: str) -> Dict[str, str]:
-    """``{table: state-dict key}`` of the tables of ``tables`` that ``checkpoint`` holds under the same key.
-
-    Raises:
-        ConfigError: none, or one of another shape or dtype (naming it, and both shapes).
-    """
-    metadata = SafeFileSystemReader(checkpoint).read_metadata()
-    saved = {key[len("model."):]: item for key, item in metadata.state_dict_metadata.items()
-             if key.startswith("model.")}
-    shared = {name: table for name, table in sorted(tables.items()) if table.key in saved}
-    if not shared:
-        raise ConfigError(f"{what}: its checkpoint holds none of this model's tables ({', '.join(sorted(tables))}) "
-                          f"under {', '.join(sorted({t.key.rsplit('.', 2)[0] for t in tables.values()}))} "
-                          f"({_where_kept(saved)}); expected the tables of the fields both runs have where "
-                          "this model keeps them: a plain or LLaCTR run keeps a field's table as t_<field> under "
-                          "model., an ELEC gain network as teacher_<field> under model., an ELEC teacher-student "
-                          "pair as student_<field> under student.model. (and teacher_<field> under teacher.model.), "
-                          "so tables pass between runs of one of these kinds only; or leave train.init_from unset to "
-                          "start from fresh weights")
-    other = [f"{name}: {_shape_text(list(saved[table.key].size), saved[table.key].properties.dtype)} there, "
-             f"{_shape_text([table.rows, table.dim], table.dtype)} here" for name, table in shared.items()
-             if (list(saved[table.key].size), saved[table.key].properties.dtype) !=
-             ([table.rows, table.dim], table.dtype)]
-    if other:
-        raise ConfigError(f"{what}: table(s) both models have differ in shape or dtype ({'; '.join(other)}); "
-                          "expected each as that run built it (the same model.embedding_dim, model.embedding_dtype, "
-                          "and each shared field's cardinality and embedding_dim), or leave train.init_from unset")
-    return {name: table.key for name, table in shared.items()}
-
-
-def _where_kept(saved: Mapping[str, Any]) -> str:
-    """What a checkpoint's model keys (``saved``, without ``model.``) say of its tables, for a message:
-    ``"that run keeps t_city, t_user under model.embedding_bag_collection.embedding_bags"``, or that it keeps none."""
-    places: Dict[str, List[str]] = {}
-    for key in saved:
-        match = re.fullmatch(r"(.*embedding_bags)\.([^.]+)\.weight", key)
-        if match and not match.group(2).startswith(SEMANTIC_TABLE_PREFIX):  # frozen entity tables: never taken
-            places.setdefault(match.group(1), []).append(match.group(2))
-    if not places:
-        return "that run keeps no embedding table"
-    return "; ".join(f"that run keeps {', '.join(sorted(names))} under {path}" for path, names in sorted(places.items()))
-
-
-def _shape_text(size: List[int], dtype: torch.dtype) -> str:
-    """``"121 x 16 float32"`` for a message."""
-    return f"{' x '.join(str(n) for n in size)} {str(dtype).replace('torch.', '')}"
+                                    kinds=("sparse",), tables={name: table_of(key) for name, key in taken.items()})
+    sources = {tables[name].key: key for name, key in taken.items() if key != tables[name].key}
+    return InitSource(checkpoint, config.train.init_optimizer, {name: tables[name].key for name in taken},
+                      tuple(sorted(name for name in tables if name not in taken)), sources or None)
 
 
 def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfig, plan: ShardingPlan,
@@ -237,15 +158,19 @@ def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfi
                                 tables: Optional[Collection[str]] = None) -> None:
     """Raises ConfigError unless this run's optimizers can take the state of the run ``saved`` configured (its
     ``sharding_plan.json`` at ``saved_plan``): the same ``kinds``, no table it kept frozen trained now (of
-    ``tables``, where given: those whose state it takes), the same column split of each table (row-wise
-    Adagrad)."""
+    ``tables``, where given: those whose state it takes; a mapping names the table of that run each comes from,
+    where a table is matched by field), the same column split of each table (row-wise Adagrad)."""
     init_from = config.train.init_from
     changed = [f"optim.{kind}: {getattr(saved.optim, kind)!r} -> {getattr(config.optim, kind)!r}"
                for kind in kinds if getattr(saved.optim, kind) != getattr(config.optim, kind)]
     # a frozen table trains by plain SGD at lr 0, which keeps no state: none to go on with here
+    origins = dict(tables) if isinstance(tables, Mapping) else {name: name for name in tables or ()}
     thawed = [] if config.optim.sparse == "sgd" else sorted(
         name for name in set(saved.sharding.frozen_tables) - set(config.sharding.frozen_tables)
-        if tables is None or name in tables)
+        if tables is None or name in tables and origins[name] == name)
+    thawed += [] if config.optim.sparse == "sgd" else sorted(
+        f"{origin} (for {name})" for name, origin in origins.items()
+        if origin != name and origin in saved.sharding.frozen_tables and name not in config.sharding.frozen_tables)
     if thawed:
         changed.append(f"sharding.frozen_tables: {', '.join(thawed)} frozen there (no optimizer state), trained here")
     if changed:
@@ -256,7 +181,8 @@ def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfi
         )
     check_same_table_state_layout(saved_plan, plan, config.optim.sparse, advice=(
         f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
-        f"was (on its world size and device, sharding.plan_file={saved_plan})"))
+        f"was (on its world size and device, sharding.plan_file={saved_plan})"),
+        renamed={name: origin for name, origin in origins.items() if origin != name})
 
 
 def load_init_source(source: InitSource, model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:
@@ -265,11 +191,13 @@ def load_init_source(source: InitSource, model: nn.Module, optimizer: CombinedOp
 
     Returns:
         Dict[str, Any]: the record ``plugins.json`` keeps under :data:`INIT_FROM_KEY`: the checkpoint, its
-        step, whether its optimizer state came along, and its files' digests.
+        step, whether its optimizer state came along, and its files' digests; under ``train.init_scope=tables``
+        the tables taken and those left fresh, and where a table was matched by field, ``table_sources``: each
+        table taken -> the checkpoint's table it came from (with its optimizer state, where that came along).
     """
     only = None if source.tables is None else sorted(source.tables.values())
     load_checkpoint(source.checkpoint, model, optimizer if source.with_optimizer else None, restore_rng=False,
-                    only=only)
+                    only=only, sources=source.sources)
     record = {
         "checkpoint": os.path.abspath(source.checkpoint),
         "global_step": read_train_state(source.checkpoint).global_step,
@@ -278,15 +206,21 @@ def load_init_source(source: InitSource, model: nn.Module, optimizer: CombinedOp
     }
     if source.tables is not None:
         record.update({"scope": "tables", "tables": sorted(source.tables), "fresh_tables": list(source.fresh_tables)})
+    if source.tables is not None and source.sources:  # matched by field: each table's table there
+        record["table_sources"] = {name: table_of(source.sources.get(key, key))
+                                   for name, key in sorted(source.tables.items())}
     return record
 
 
 def started_fields(record: Dict[str, Any]) -> Dict[str, Any]:
     """What the ``started`` event of ``metrics.jsonl`` says of the :func:`load_init_source` ``record``: the
-    checkpoint, and under ``train.init_scope=tables`` the tables taken and those started fresh."""
+    checkpoint, and under ``train.init_scope=tables`` the tables taken and those started fresh (and, matched by
+    field, ``init_table_sources``: each one's table in the checkpoint)."""
     fields: Dict[str, Any] = {INIT_FROM_KEY: record["checkpoint"]}
     if record.get("scope") == "tables":
         fields.update({"init_tables": record["tables"], "fresh_tables": record["fresh_tables"]})
+    if "table_sources" in record:
+        fields["init_table_sources"] = record["table_sources"]
     return fields
 
 
@@ -295,5 +229,8 @@ def start_line(run_dir: str, record: Dict[str, Any]) -> str:
     what = "weights and optimizer state" if record["optimizer"] else "weights"
     if record.get("scope") == "tables":
         fresh = ", ".join(record["fresh_tables"]) or "no table"
-        what = f"tables {', '.join(record['tables'])} ({what}; fresh: {fresh} and every other weight)"
+        sources = record.get("table_sources", {})
+        taken = ", ".join(name if sources.get(name, name) == name else f"{name} (from {sources[name]})"
+                          for name in record["tables"])
+        what = f"tables {taken} ({what}; fresh: {fresh} and every other weight)"
     return f"starting {run_dir} from the {what} of {record['checkpoint']} (its step {record['global_step']})"

@@ -4,7 +4,7 @@ another world size or batch size."""
 import json
 import sys
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from torchrec.distributed.types import ShardingPlan
 
@@ -166,7 +166,7 @@ def column_shards(placement: Dict[str, Any]) -> int:
 
 
 def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str,
-                                  advice: str = "") -> None:
+                                  advice: str = "", renamed: Optional[Mapping[str, str]] = None) -> None:
     """Raises when the table optimizer's state saved under the plan of a run's checkpoints (``sharding_plan.json``)
     cannot be loaded into this job's plan, which DCP's resharding of the tables' rows and columns does not cover:
 
@@ -180,7 +180,8 @@ def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, spar
       ``sharding.proposer_patience`` (runs saved before 2026-12-06 were planned with the exhaustive search, 0).
 
     A run without a readable record is left to the checkpoint's load. ``advice``: what to do instead (default:
-    resume as the run was saved).
+    resume as the run was saved). ``renamed``: the saved table each of this plan's tables takes its state from,
+    where its name differs (``train.init_scope=tables`` matching tables by field).
 
     Raises:
         ConfigError: naming each such table, its placement then and now, and what keeps it.
@@ -194,8 +195,11 @@ def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, spar
         return
     if not isinstance(saved, dict):
         return
-    placements = {table: (saved[table], placement) for table, placement in sorted(table_placements(plan).items())
-                  if isinstance(saved.get(table), dict)}
+    renamed = renamed or {}
+    placements = {(table if renamed.get(table, table) == table else f"{table} (from {renamed[table]})"):
+                  (saved[renamed.get(table, table)], placement)
+                  for table, placement in sorted(table_placements(plan).items())
+                  if isinstance(saved.get(renamed.get(table, table)), dict)}
     advice = advice or _RESUME_AS_SAVED.format(plan=saved_plan_path)
     replicated = [f"{table!r} {before.get('sharding_type')} -> {now['sharding_type']}"
                   for table, (before, now) in placements.items()

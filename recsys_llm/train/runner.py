@@ -85,8 +85,8 @@ from recsys_llm.train.init_from import (
     load_init_source,
     start_line,
     started_fields,
-    trained_tables,
 )
+from recsys_llm.train.init_tables import trained_tables
 from recsys_llm.train.loss_sums import LossSums
 from recsys_llm.train.lr_schedule import ScheduledLearningRates
 from recsys_llm.train.metrics import CTRMetrics

@@ -24,13 +24,8 @@ from recsys_llm.train import runner
 from recsys_llm.train.checkpoint import DIGESTS_FILE
 from recsys_llm.train.checkpoint_reader import SafeFileSystemReader, WeightsOnlyLoadPlanner
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.init_from import (
-    INIT_FROM_KEY,
-    TableShape,
-    _check_optimizer_state_fits,
-    _shared_tables,
-    trained_tables,
-)
+from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits
+from recsys_llm.train.init_tables import TableShape, shared_tables, trained_tables
 from recsys_llm.train.runner import run_training
 from tests.entity_vectors import export_entity_table
 from tests.multiprocess import run_multiprocess
@@ -490,10 +485,10 @@ def _weights_as_started(into: Dict[str, Dict[str, torch.Tensor]], name: str) -> 
         record = init_source(source, model, optimizer)
         into[f"{name}_momentum"] = {
             state_name: state.local_shards()[0].tensor.clone()
-            for key, param_state in optimizer.state_dict()["state"].items() if key.startswith(TABLES)
+            for key, param_state in optimizer.state_dict()["state"].items() if ".embedding_bags." in key
             for state_name, state in param_state.items() if state.local_shards()}
         into[f"{name}_dense_state"] = sorted(key for key, param_state in optimizer.state_dict()["state"].items()
-                                             if not key.startswith(TABLES) and param_state)
+                                             if ".embedding_bags." not in key and param_state)
         return record
 
     with mock.patch.object(runner, "load_plugin_state", weights), mock.patch.object(runner, "load_init_source",
@@ -558,7 +553,7 @@ def _start_on_a_day_with_a_new_field(schema_dir: str, root: str) -> Dict[str, An
     for name, table in (("shape", TableShape(f"{TABLES}.t_device.weight", 4, 8, torch.float32)),
                         ("none_shared", TableShape("elsewhere.t_device.weight", 4, 16, torch.float32))):
         try:  # what the checks before it leave to the checkpoint: a table of another shape, none where this has them
-            _shared_tables(checkpoint, {"t_device": table}, "train.init_from=day1")
+            shared_tables(checkpoint, {"t_device": table}, "train.init_from=day1")
         except ConfigError as error:
             out[name] = str(error)
     return out
@@ -629,7 +624,7 @@ def test_the_tables_of_frozen_plugin_ebcs_are_not_taken_from_the_init_run() -> N
     shapes = trained_tables({"t_user_id": ("model.embedding_bag_collection", trained),
                              "entity_item_id": ("model.elec.embedding_bag_collection", entity)})
     assert shapes == {"t_user_id": TableShape("model.embedding_bag_collection.embedding_bags.t_user_id.weight", 3, 4,
-                                              torch.float32)}
+                                              torch.float32, ("user_id",))}
 
 
 def test_a_frozen_table_of_the_init_run_that_this_run_does_not_take_needs_no_optimizer_state() -> None:
@@ -654,9 +649,201 @@ def test_a_checkpoint_whose_tables_are_kept_under_other_names_is_refused_naming_
                         "model.semantic_table.embedding_bag_collection.embedding_bags.semantic_item.weight":
                             torch.zeros(3, 8)}}, checkpoint_id=checkpoint, no_dist=True)
     with pytest.raises(ConfigError) as refused:
-        _shared_tables(checkpoint, {"t_city": TableShape(f"{TABLES}.t_city.weight", 4, 4, torch.float32)},
+        shared_tables(checkpoint, {"t_city": TableShape(f"{TABLES}.t_city.weight", 4, 4, torch.float32)},
                        "train.init_from=runs/gain")
     message = str(refused.value)
     assert f"holds none of this model's tables (t_city) under {TABLES}" in message
     assert f"that run keeps teacher_city under {TABLES})" in message and "semantic_item" not in message
-    assert "an ELEC gain network as teacher_<field>" in message and "runs of one of these kinds only" in message
+    assert "an ELEC gain network as teacher_<field>" in message and "to the table of its field" in message
+
+
+def _all_saved_tables(checkpoint: str) -> Dict[str, torch.Tensor]:
+    """``{table: weight}`` and ``{table.momentum1: its row-wise Adagrad state}`` of every table ``checkpoint`` holds
+    (its frozen tables' states, where it keeps none, left out)."""
+    reader = SafeFileSystemReader(checkpoint)
+    saved = reader.read_metadata().state_dict_metadata
+    state: Dict[str, Any] = {"model": {}, "optim": {}}
+    for full_key, item in saved.items():
+        key = full_key[len("model."):]
+        if full_key.startswith("model.") and ".embedding_bags." in key and key.endswith(".weight"):
+            name = key.split(".")[-2]
+            state["model"][key] = torch.empty(item.size)
+            if f"optim.{key}.{name}.momentum1" in saved:
+                state["optim"][key] = {f"{name}.momentum1": torch.empty(saved[f"optim.{key}.{name}.momentum1"].size)}
+    dcp.load(state, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), no_dist=True)
+    return {**{key.split(".")[-2]: value for key, value in state["model"].items()},
+            **{name: value for states in state["optim"].values() for name, value in states.items()}}
+
+
+def _latest_checkpoint(run_dir: str) -> str:
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "ckpt-*")))[-1]
+
+
+def _started_tables(started: Dict[str, Dict[str, torch.Tensor]], name: str) -> Dict[str, torch.Tensor]:
+    """``{table: weight}`` of the run ``started[name]`` (:func:`_weights_as_started`) as it started training."""
+    return {key.split(".")[-2]: value for key, value in started[name].items()
+            if ".embedding_bags." in key and key.endswith(".weight")}
+
+
+def _elec_data(root: str) -> List[str]:
+    """Data of 1000 rows and ELEC's settings reading an entity table of its items (the gain runs' vectors)."""
+    import numpy as np
+
+    from recsys_llm.data.schema import DatasetSchema
+    from recsys_llm.data.synthetic import generate_synthetic
+
+    data = os.path.join(root, "data")
+    generate_synthetic(data, 1_000, seed=1, rows_per_group=512)
+    items = DatasetSchema.load(os.path.join(data, "schema.json")).field("item_id").cardinality
+    export_entity_table(os.path.join(root, "items"), np.random.default_rng(0).normal(size=(items, 8)))
+    return [data, "elec.vector_dim=8", "elec.vector_source=entity_table", "elec.entity_field=item_id",
+            f"elec.entity_vectors={root}/items"]
+
+
+def _tables_across_network_kinds(root: str) -> Dict[str, Any]:
+    from recsys_llm.cli.export import export_run
+
+    data, *elec = _elec_data(root)
+    gain, joint = [*elec, "elec.task=gain"], [*elec, "elec.task=distill", "elec.distill.mode=joint"]
+    plain = os.path.join(root, "plain")
+    _method_run(data, plain, [])
+    saved = {"plain": _all_saved_tables(_latest_checkpoint(plain))}
+    fields = sorted(name[len("t_"):] for name in saved["plain"] if not name.endswith(".momentum1"))
+    tables = ["train.init_scope=tables", "train.max_steps=1"]
+    started: Dict[str, Dict[str, torch.Tensor]] = {}
+    runs = {  # run: (its settings, the run it starts from or "")
+        "gain": (gain, plain), "gain_fresh": (gain, ""), "joint": (joint, plain), "joint_fresh": (joint, ""),
+        "joint_from_gain": (joint, os.path.join(root, "gain")),
+    }
+    out: Dict[str, Any] = {"fields": fields}
+    for name, (extra, init) in runs.items():
+        with _weights_as_started(started, name):
+            _method_run(data, os.path.join(root, name), [*extra, *(tables if init else ["train.max_steps=1"]),
+                                                         *([f"train.init_from={init}"] if init else [])])
+        if init:
+            out[f"{name}_record"] = _record(os.path.join(root, name))[INIT_FROM_KEY]
+            out[f"{name}_started"] = _events(os.path.join(root, name))[0]
+    saved["gain"] = _all_saved_tables(_latest_checkpoint(os.path.join(root, "gain")))
+
+    def same(run: str, prefix: str, source: str, source_prefix: str) -> bool:
+        tables_now = _started_tables(started, run)
+        return all(torch.equal(tables_now[prefix + field], saved[source][source_prefix + field]) for field in fields)
+
+    def momenta(run: str, prefix: str, source: str, source_prefix: str) -> bool:
+        return all(torch.equal(started[f"{run}_momentum"][f"{prefix}{field}.momentum1"],
+                               saved[source][f"{source_prefix}{field}.momentum1"]) for field in fields)
+
+    def rest_fresh(run: str) -> bool:  # every weight but the tables taken: as a fresh run of the same settings
+        return all(torch.equal(value, started[f"{run}_fresh"][key]) for key, value in started[run].items()
+                   if not (".embedding_bags." in key and key.split(".")[-2].startswith(("teacher_", "student_"))))
+
+    out.update({
+        "gain_tables": same("gain", "teacher_", "plain", "t_"), "gain_momenta": momenta("gain", "teacher_", "plain", "t_"),
+        "gain_rest_fresh": rest_fresh("gain"),
+        "gain_tables_trained": not any(torch.equal(_started_tables(started, "gain")[f"teacher_{field}"],
+                                                   _started_tables(started, "gain_fresh")[f"teacher_{field}"])
+                                       for field in fields),
+        "joint_student": same("joint", "student_", "plain", "t_"), "joint_teacher": same("joint", "teacher_", "plain", "t_"),
+        "joint_momenta": momenta("joint", "student_", "plain", "t_") and momenta("joint", "teacher_", "plain", "t_"),
+        "joint_rest_fresh": rest_fresh("joint"),
+        "joint_from_gain": same("joint_from_gain", "student_", "gain", "teacher_")
+                           and same("joint_from_gain", "teacher_", "gain", "teacher_"),
+    })
+    # a student trained against a frozen teacher (the gain network's export) starts a plain run: student_x -> t_x
+    export_run(load_config(DEEPFM_CONFIG, [f"data.schema={data}", "model.mlp_layer_sizes=[16]",
+                                           "model.embedding_dim=8", *gain]),
+               os.path.join(root, "gain"), os.path.join(root, "teacher"), state_only=True)
+    student = os.path.join(root, "student")
+    _method_run(data, student, [*elec, "elec.task=distill", "elec.distill.mode=frozen",
+                                f"elec.teacher_checkpoint={root}/teacher"])
+    saved["student"] = _all_saved_tables(_latest_checkpoint(student))
+    with _weights_as_started(started, "plain_from_student"):
+        _method_run(data, os.path.join(root, "plain_from_student"), [*tables, f"train.init_from={student}"])
+    out["plain_from_student"] = same("plain_from_student", "t_", "student", "student_")
+    out["plain_from_student_momenta"] = momenta("plain_from_student", "t_", "student", "student_")
+    out["plain_from_student_record"] = _record(os.path.join(root, "plain_from_student"))[INIT_FROM_KEY]
+    # a joint pair's checkpoint holds two trained tables of each field: a plain run cannot tell which to take
+    try:
+        _method_run(data, os.path.join(root, "plain_from_joint"), [*tables, f"train.init_from={root}/joint"])
+    except ConfigError as error:
+        out["plain_from_joint"] = str(error)
+    out["plain_from_joint_left"] = os.path.exists(os.path.join(root, "plain_from_joint"))
+    return out
+
+
+@pytest.mark.multiprocess
+def test_tables_pass_by_field_between_plain_runs_gain_networks_and_students(tmp_path) -> None:
+    """``train.init_scope=tables`` matches a table the checkpoint keeps under another key by its field: a plain run's
+    ``t_<field>`` starts a gain network's ``teacher_<field>``, both networks of a joint pair, and a frozen-teacher
+    student's ``student_<field>`` a plain run's; weights and row-wise Adagrad states bit for bit, the rest fresh."""
+    (out,) = run_multiprocess(_tables_across_network_kinds, world_size=1, root=str(tmp_path))
+    fields = out["fields"]
+    assert len(fields) == 9
+    assert out["gain_tables"] and out["gain_momenta"] and out["gain_rest_fresh"] and out["gain_tables_trained"]
+    assert out["joint_student"] and out["joint_teacher"] and out["joint_momenta"] and out["joint_rest_fresh"]
+    assert out["joint_from_gain"]
+    assert out["plain_from_student"] and out["plain_from_student_momenta"]
+    record = out["gain_record"]
+    assert record["scope"] == "tables" and record["optimizer"] is True and record["fresh_tables"] == []
+    assert record["tables"] == [f"teacher_{field}" for field in fields]
+    assert record["table_sources"] == {f"teacher_{field}": f"t_{field}" for field in fields}
+    assert out["gain_started"]["init_table_sources"] == record["table_sources"]
+    assert out["joint_record"]["table_sources"] == {
+        **{f"student_{field}": f"t_{field}" for field in fields}, **{f"teacher_{field}": f"t_{field}" for field in fields}}
+    assert out["joint_from_gain_record"]["table_sources"] == {
+        **{f"student_{field}": f"teacher_{field}" for field in fields},
+        **{f"teacher_{field}": f"teacher_{field}" for field in fields}}
+    assert out["plain_from_student_record"]["table_sources"] == {f"t_{field}": f"student_{field}" for field in fields}
+    assert "several tables of the field" in out["plain_from_joint"]
+    assert ("t_device (field device): student.model.embedding_bag_collection.embedding_bags.student_device.weight, "
+            "teacher.model.embedding_bag_collection.embedding_bags.teacher_device.weight") in out["plain_from_joint"]
+    assert not out["plain_from_joint_left"]
+
+
+
+def _gain_tables_on_two_ranks(data: str, elec: List[str], plain: str, run_dir: str) -> Dict[str, Any]:
+    started: Dict[str, Dict[str, torch.Tensor]] = {}
+    with _weights_as_started(started, "gain"):
+        _method_run(data, run_dir, [*elec, "elec.task=gain", f"train.init_from={plain}", "train.init_scope=tables",
+                                    "train.max_steps=1"])
+    return {"tables": _started_tables(started, "gain") if started.get("gain") else {},
+            "momenta": started.get("gain_momentum", {})}
+
+
+@pytest.mark.multiprocess
+def test_a_gain_network_on_two_ranks_takes_the_tables_of_a_one_rank_plain_run_by_field(tmp_path) -> None:
+    data, *elec = _elec_data(str(tmp_path))
+    plain = str(tmp_path / "plain")
+    run_multiprocess(_method_run, world_size=1, schema=data, run_dir=plain, extra=[])
+    first, second = run_multiprocess(_gain_tables_on_two_ranks, world_size=2, data=data, elec=elec, plain=plain,
+                                     run_dir=str(tmp_path / "gain"))
+    saved = _all_saved_tables(_latest_checkpoint(plain))
+    fields = sorted(name[len("t_"):] for name in saved if not name.endswith(".momentum1"))
+    assert second["tables"] == {} and len(fields) == 9  # gathered on rank 0
+    assert sorted(first["tables"]) == sorted([f"teacher_{field}" for field in fields] + ["semantic_item_id"])
+    assert all(torch.equal(first["tables"][f"teacher_{field}"], saved[f"t_{field}"]) for field in fields)
+    # the row-wise Adagrad states, renamed with their tables, as saved (the whole table's on the rank holding it)
+    whole = [(name, state) for rank in (first, second) for name, state in rank["momenta"].items()
+             if state.shape == saved[f"t_{name[len('teacher_'):]}"].shape]
+    assert whole and all(torch.equal(state, saved[f"t_{name[len('teacher_'):]}"]) for name, state in whole)
+    assert {name for rank in (first, second) for name in rank["momenta"]} == {f"teacher_{f}.momentum1" for f in fields}
+    assert _record(str(tmp_path / "gain"))[INIT_FROM_KEY]["table_sources"] == {
+        f"teacher_{field}": f"t_{field}" for field in fields}
+
+
+def test_a_table_matched_by_field_of_another_shape_is_refused_naming_both_tables(tmp_path) -> None:
+    """Matching by field checks each pair's shape and dtype before anything loads, naming this model's table and the
+    checkpoint's; a field the runs do not share (``fields``) is not matched, and the same key comes first."""
+    checkpoint = str(tmp_path / "ckpt")
+    dcp.save({"model": {f"{TABLES}.t_city.weight": torch.zeros(4, 4), f"{TABLES}.t_age.weight": torch.zeros(3, 8)}},
+             checkpoint_id=checkpoint, no_dist=True)
+    student = "student.model.embedding_bag_collection.embedding_bags"
+    tables = {"student_city": TableShape(f"{student}.student_city.weight", 4, 8, torch.float32, ("city",)),
+              "student_age": TableShape(f"{student}.student_age.weight", 3, 8, torch.float32, ("age",))}
+    with pytest.raises(ConfigError, match=r"student_city from t_city: 4 x 4 float32 there, 4 x 8 float32 here"):
+        shared_tables(checkpoint, tables, "train.init_from=runs/day1", fields=["city", "age"])
+    assert shared_tables(checkpoint, tables, "train.init_from=runs/day1", fields=["age"]) == {
+        "student_age": f"{TABLES}.t_age.weight"}
+    same_key = {"t_age": TableShape(f"{TABLES}.t_age.weight", 3, 8, torch.float32, ("age",))}
+    assert shared_tables(checkpoint, same_key, "train.init_from=runs/day1", fields=[]) == {
+        "t_age": f"{TABLES}.t_age.weight"}
