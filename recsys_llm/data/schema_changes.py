@@ -5,7 +5,7 @@ beside the fingerprint; a fingerprint mismatch then names the fields and setting
 instead of two hashes.
 """
 
-from typing import Any, Collection, Dict, List, Mapping, Optional
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 from recsys_llm.data.schema import DatasetSchema
 
@@ -58,3 +58,11 @@ def schema_change_note(recorded: Any, schema: DatasetSchema, otherwise: str = ""
     compared, None: all) for a message, or ``otherwise`` when it names none (a record of an older version)."""
     changes = schema_changes(recorded, schema, settings)
     return f" ({'; '.join(changes)})" if changes else otherwise
+
+
+def moved_hashed_text_fields(before: Sequence[str], after: Sequence[str], hashed_text: Collection[str]) -> List[str]:
+    """``field 'query' (hashed text): position 6 -> 5`` for each field of ``hashed_text`` (whose ids hash its text
+    with the field's position among all the fields, dense ones included, as the salt) that both field lists
+    ``before`` and ``after`` hold at other positions: the same values would get other ids there."""
+    return [f"field {name!r} (hashed text): position {before.index(name)} -> {after.index(name)}"
+            for name in hashed_text if name in before and name in after and before.index(name) != after.index(name)]

@@ -17,7 +17,7 @@ import numpy as np
 from recsys_llm.atomic_dir import TryAgainLater, try_lock
 from recsys_llm.data.parquet_files import resolve_paths, same_split_fingerprint, split_fingerprint
 from recsys_llm.data.schema import DatasetSchema
-from recsys_llm.data.schema_changes import schema_change_note, schema_changes
+from recsys_llm.data.schema_changes import moved_hashed_text_fields, schema_change_note, schema_changes
 from recsys_llm.data.validation import DataError, check_number
 from recsys_llm.error_text import telling_line
 from recsys_llm.semantics.vector_export import REUSED_KEY
@@ -775,7 +775,8 @@ def check_shared_fields(schema: DatasetSchema, saved_config: Optional[str], what
     embedding_dim, description, ...) and of the same vocabulary, or one grown from it. Returns their names.
 
     Raises:
-        ConfigError: a shared field whose settings or vocabulary differ, naming it; or a run that recorded no
+        ConfigError: a shared field whose settings or vocabulary differ, or a shared hashed-text field at another
+            position (its hash's salt), naming it; or a run that recorded no
             schema contents (written before runs recorded them) trained on data of another fingerprint, which
             cannot tell its fields.
     """
@@ -791,6 +792,9 @@ def check_shared_fields(schema: DatasetSchema, saved_config: Optional[str], what
     shared = [spec.name for spec in schema.fields if spec.name in before]
     changed = [change for change in schema_changes(contents, schema)
                if any(change.startswith(f"{name}: ") for name in shared)]
+    changed += moved_hashed_text_fields(  # its hash's salt: the same text would read other rows of its table
+        [str(field.get("name")) for field in contents["fields"] if isinstance(field, dict)],
+        [spec.name for spec in schema.fields], [name for name in shared if schema.ids.get(name) == "hashed_text"])
     if changed:
         raise ConfigError(f"{what}: field(s) both runs have changed ({'; '.join(changed)}), so their tables would "
                           "read other values or have another shape; expected each shared field as that run had it: "

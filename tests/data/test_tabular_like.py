@@ -463,10 +463,15 @@ def test_a_run_taking_the_shared_tables_checks_the_vocabularies_of_the_shared_fi
     record()
     with pytest.raises(ConfigError, match=r"train\.init_from=runs/day1: the vocabulary of field\(s\) \[.*'city'"):
         check_shared_fields(fresh, saved_config, "train.init_from=runs/day1")
-    assert "city" in check_shared_fields(DatasetSchema.load(_grown_day(earlier, tmp_path)), saved_config, "day2")
-    record(without="city")  # city is the day's new field: its table starts fresh, whatever its ids
-    shared = check_shared_fields(fresh, saved_config, "train.init_from=runs/day1")
-    assert "city" not in shared and "cats" in shared
+    grown = DatasetSchema.load(_grown_day(earlier, tmp_path))
+    assert "city" in check_shared_fields(grown, saved_config, "day2")
+    record(without="cats")  # cats is the day's new field: its table starts fresh, whatever its ids
+    shared = check_shared_fields(grown, saved_config, "day2")
+    assert "cats" not in shared and "city" in shared
+    # city new today moves query, a hashed-text field after it, whose position salts its hash: other rows
+    record(without="city")
+    with pytest.raises(ConfigError, match=r"field 'query' \(hashed text\): position 1 -> 2"):
+        check_shared_fields(fresh, saved_config, "train.init_from=runs/day1")
 
 
 def test_a_run_that_recorded_no_schema_contents_gives_its_tables_only_for_data_of_its_fingerprint(
@@ -1097,3 +1102,37 @@ def test_a_schema_that_leaves_out_an_earlier_field_drops_it_with_a_warning(earli
         schema = prepare_tabular_like(_csv(tmp_path / "day2.csv", rows), earlier["data"], str(tmp_path / "o"),
                                       schema_path=_added_schema(tmp_path, fields))
     assert [f.name for f in schema.fields] == ["user", "city", "cats", "price", "seller"] and "query" not in schema.ids
+
+
+def test_a_schema_that_moves_a_hashed_text_field_is_refused_before_anything_is_written(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """Dropping (or inserting) a field before a hashed-text field changes its position, the salt of its hash, so its
+    values would get other ids than its trained table's: refused, naming the field, both positions and both files."""
+    rows = dict(NEW, seller=SELLERS, clicked=[0, 1, 1, 0])
+    new_csv = _csv(tmp_path / "day2.csv", rows)
+    fields = [spec for spec in SCHEMA["fields"] if spec["name"] != "city"]  # query: position 2 -> 1
+    out = tmp_path / "day2"
+    with pytest.raises(SchemaError, match=r"field 'query' \(hashed text\): position 2 -> 1.*shop/schema\.json"):
+        prepare_tabular_like(new_csv, earlier["data"], str(out), schema_path=_added_schema(tmp_path, fields))
+    assert not out.exists()
+    after = [spec for spec in SCHEMA["fields"] if spec["name"] != "price"]  # a field after it: query stays at 2
+    with pytest.warns(UserWarning, match=r"leaves out field\(s\) \['price'\]"):
+        schema = prepare_tabular_like(new_csv, earlier["data"], str(out), schema_path=_added_schema(tmp_path, after))
+    plain = prepare_tabular_like(new_csv, earlier["data"], str(tmp_path / "plain"))
+    assert (pq.read_table(os.path.join(schema.root, "test.parquet"))["query"].to_pylist()
+            == pq.read_table(os.path.join(plain.root, "test.parquet"))["query"].to_pylist())
+
+
+def test_a_new_field_of_an_earlier_extra_columns_name_reads_that_column_as_a_field(
+        earlier: Dict[str, str], tmp_path) -> None:
+    """A new field named like an earlier extra column (``ts``) takes the column: the output encodes it as the field
+    and no longer carries it as an extra column (the two would clash)."""
+    rows = dict(NEW, ts=[5, 6, 7, 5], clicked=[0, 1, 1, 0])
+    new_csv = _csv(tmp_path / "day2.csv", rows)
+    ts_field = {"name": "ts", "kind": "sparse", "cardinality": 10, "description": "hour of the day"}
+    path = tmp_path / "shop2.yaml"
+    path.write_text(yaml.safe_dump(dict(SCHEMA, fields=SCHEMA["fields"] + [ts_field], extra_columns=[])))
+    schema = prepare_tabular_like(new_csv, earlier["data"], str(tmp_path / "day2"), schema_path=str(path))
+    saved = DatasetSchema.load(schema.root)
+    assert saved.extra_columns == [] and saved.field("ts").kind == "sparse" and saved.ids["ts"] == "integer"
+    assert pq.read_table(os.path.join(saved.root, "test.parquet"))["ts"].to_pylist() == [5, 6, 7, 5]

@@ -11,6 +11,7 @@ import os
 from typing import Any, Dict, List, NamedTuple
 
 from recsys_llm.data.schema import DatasetSchema, FieldSpec, SchemaError, load_raw, schema_file
+from recsys_llm.data.schema_changes import moved_hashed_text_fields
 from recsys_llm.data.tabular.config import TabularConfig
 
 
@@ -67,6 +68,14 @@ def read_added_fields(schema_path: str, like: DatasetSchema, like_dir: str) -> A
     if row_key_named and schema.row_key != like.row_key:
         raise SchemaError(f"{where}: row_key {schema.row_key!r}, but the earlier data's is {like.row_key!r} "
                           f"({like_dir}); expected the same row key (or none named)")
+    moved = moved_hashed_text_fields([spec.name for spec in like.fields], [spec.name for spec in schema.fields],
+                                     [name for name, way in like.ids.items() if way == "hashed_text"])
+    if moved:
+        raise SchemaError(f"{where}: {'; '.join(moved)} (earlier in {like_dir}/schema.json); a hashed-text field's "
+                          "ids are hashed with its position among all the fields (dense ones included) as the salt, "
+                          "so at another position its values would get other ids than its trained table's; expected "
+                          "each such field at its earlier position (add new fields after it; keep the fields before "
+                          "it, or give it a new name: a new field)")
     kept = [spec.name for spec in schema.fields if spec.name in earlier]
     if not kept:
         raise SchemaError(f"{where}: none of the earlier data's fields {list(earlier)} is in the file, so no field "

@@ -137,8 +137,8 @@ def prepare_tabular_like(
     new = _plan_added(data_path, schema_path, added, available, config, progress) if added else None
     with_label = like.label in available
     row_key = like.row_key if like.row_key and like.row_key in available else None
-    extras = [name for name in like.extra_columns if name in available and name != like.row_key]
     added_names = [spec.name for spec in added.added] if added else []
+    extras = _carried_extras(like, available, added_names)
     columns = list(dict.fromkeys(wanted + added_names + [like.label] * with_label + extras
                                  + ([row_key] if row_key else [])))
     if is_parquet(data_path):  # the columns were taken from the first file: every other file must agree
@@ -187,6 +187,13 @@ def prepare_tabular_like(
     return schema
 
 
+def _carried_extras(like: DatasetSchema, available: List[str], added_names: List[str]) -> List[str]:
+    """The earlier extra columns the rows hold and the output carries as they are: not the row key, and not a
+    column a new field of ``--schema`` now reads (it becomes that field, encoded, rather than a copy)."""
+    return [name for name in like.extra_columns
+            if name in available and name != like.row_key and name not in added_names]
+
+
 class _NewFields(NamedTuple):
     """The new fields of a ``--schema`` given with ``--like`` (:func:`_read_added`), planned
     (:func:`_plan_added`): their plans and their own checked value-text files."""
@@ -205,7 +212,7 @@ def _read_added(schema_path: str, like: DatasetSchema, like_dir: str, config: Ta
     if added.dropped:
         warnings.warn(f"{schema_path}: leaves out field(s) {added.dropped} of the earlier data ({like_dir}), so the "
                       "output drops them (their columns are not read; a run on it started train.init_scope=tables "
-                      "does not take their tables)", stacklevel=3)
+                      "takes no table of theirs)", stacklevel=3)
     return added
 
 
