@@ -23,7 +23,7 @@ Example::
 """
 
 import os
-from typing import Any, Collection, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
@@ -129,7 +129,8 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
                                         f"run's vectors came from (semantics export --llm), or {fresh}")
     if train_cfg.init_optimizer:
         _check_optimizer_state_fits(config, load_config(saved_config), plan,
-                                    os.path.join(run_dir_of(checkpoint), PLAN_FILE))
+                                    os.path.join(run_dir_of(checkpoint), PLAN_FILE),
+                                    stateful=_stateful_tables(config, tables) if tables else None)
     return InitSource(checkpoint, train_cfg.init_optimizer)
 
 
@@ -147,19 +148,29 @@ def _check_tables_source(config: ExperimentConfig, schema: DatasetSchema, plan: 
                           untaken_prefixes=(TEACHER_PREFIX,) if frozen_teacher else ())
     if config.train.init_optimizer:
         _check_optimizer_state_fits(config, saved, plan, os.path.join(run_dir_of(checkpoint), PLAN_FILE),
-                                    kinds=("sparse",), tables={name: table_of(key) for name, key in taken.items()})
+                                    kinds=("sparse",), tables={name: table_of(key) for name, key in taken.items()},
+                                    stateful=_stateful_tables(config, taken))
     sources = {tables[name].key: key for name, key in taken.items() if key != tables[name].key}
     return InitSource(checkpoint, config.train.init_optimizer, {name: tables[name].key for name in taken},
                       tuple(sorted(name for name in tables if name not in taken)), sources or None)
 
 
+def _stateful_tables(config: ExperimentConfig, tables: Collection[str]) -> List[str]:
+    """The tables of ``tables`` (this run's trained tables, or those it takes) that keep optimizer state here: all
+    but ``sharding.frozen_tables`` (SGD at lr 0, stateless)."""
+    return sorted(name for name in tables if name not in config.sharding.frozen_tables)
+
+
 def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfig, plan: ShardingPlan,
                                 saved_plan: str, kinds: Collection[str] = OPTIMIZER_KINDS,
-                                tables: Optional[Collection[str]] = None) -> None:
+                                tables: Optional[Collection[str]] = None,
+                                stateful: Optional[Collection[str]] = None) -> None:
     """Raises ConfigError unless this run's optimizers can take the state of the run ``saved`` configured (its
     ``sharding_plan.json`` at ``saved_plan``): the same ``kinds``, no table it kept frozen trained now (of
     ``tables``, where given: those whose state it takes; a mapping names the table of that run each comes from,
-    where a table is matched by field), the same column split of each table (row-wise Adagrad)."""
+    where a table is matched by field), the same column split of each table (row-wise Adagrad) of ``stateful``
+    (the tables whose state is loaded: a frozen table's, whose placement may change freely, and a table left fresh
+    are not; None: every table of ``plan``)."""
     init_from = config.train.init_from
     changed = [f"optim.{kind}: {getattr(saved.optim, kind)!r} -> {getattr(config.optim, kind)!r}"
                for kind in kinds if getattr(saved.optim, kind) != getattr(config.optim, kind)]
@@ -182,7 +193,7 @@ def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfi
     check_same_table_state_layout(saved_plan, plan, config.optim.sparse, advice=(
         f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
         f"was (on its world size and device, sharding.plan_file={saved_plan})"),
-        renamed={name: origin for name, origin in origins.items() if origin != name})
+        renamed={name: origin for name, origin in origins.items() if origin != name}, tables=stateful)
 
 
 def load_init_source(source: InitSource, model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:

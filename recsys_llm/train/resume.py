@@ -4,7 +4,7 @@ another world size or batch size."""
 import json
 import sys
 import warnings
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Collection, Dict, Mapping, Optional
 
 from torchrec.distributed.types import ShardingPlan
 
@@ -166,7 +166,8 @@ def column_shards(placement: Dict[str, Any]) -> int:
 
 
 def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str,
-                                  advice: str = "", renamed: Optional[Mapping[str, str]] = None) -> None:
+                                  advice: str = "", renamed: Optional[Mapping[str, str]] = None,
+                                  tables: Optional[Collection[str]] = None) -> None:
     """Raises when the table optimizer's state saved under the plan of a run's checkpoints (``sharding_plan.json``)
     cannot be loaded into this job's plan, which DCP's resharding of the tables' rows and columns does not cover:
 
@@ -181,7 +182,9 @@ def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, spar
 
     A run without a readable record is left to the checkpoint's load. ``advice``: what to do instead (default:
     resume as the run was saved). ``renamed``: the saved table each of this plan's tables takes its state from,
-    where its name differs (``train.init_scope=tables`` matching tables by field).
+    where its name differs (``train.init_scope=tables`` matching tables by field). ``tables``: this plan's tables
+    whose state is loaded (``train.init_from``: not a frozen table's, which keeps none, nor, under
+    ``train.init_scope=tables``, a table left fresh); None: every table.
 
     Raises:
         ConfigError: naming each such table, its placement then and now, and what keeps it.
@@ -199,7 +202,7 @@ def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, spar
     placements = {(table if renamed.get(table, table) == table else f"{table} (from {renamed[table]})"):
                   (saved[renamed.get(table, table)], placement)
                   for table, placement in sorted(table_placements(plan).items())
-                  if isinstance(saved.get(renamed.get(table, table)), dict)}
+                  if isinstance(saved.get(renamed.get(table, table)), dict) and (tables is None or table in tables)}
     advice = advice or _RESUME_AS_SAVED.format(plan=saved_plan_path)
     replicated = [f"{table!r} {before.get('sharding_type')} -> {now['sharding_type']}"
                   for table, (before, now) in placements.items()

@@ -24,7 +24,7 @@ from recsys_llm.train import runner
 from recsys_llm.train.checkpoint import DIGESTS_FILE
 from recsys_llm.train.checkpoint_reader import SafeFileSystemReader, WeightsOnlyLoadPlanner
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits
+from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits, _stateful_tables
 from recsys_llm.train.init_tables import TableShape, shared_tables, trained_tables
 from recsys_llm.train.runner import run_training
 from tests.entity_vectors import export_entity_table
@@ -639,6 +639,44 @@ def test_a_frozen_table_of_the_init_run_that_this_run_does_not_take_needs_no_opt
         with pytest.raises(ConfigError, match=r"sharding\.frozen_tables: t_device frozen there"):
             _check_optimizer_state_fits(config, saved, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
                                         tables=["t_user_id", "t_device"])
+def _placement(sharding_type: str, column_shards: int) -> Dict[str, Any]:
+    """A ``sharding_plan.json`` entry of a 10 x 8 table cut into ``column_shards`` column ranges."""
+    width = 8 // column_shards
+    return {"sharding_type": sharding_type, "shards": [{"offsets": [0, n * width], "rank": n, "sizes": [10, width]}
+                                                       for n in range(column_shards)]}
+
+
+def test_only_the_tables_whose_optimizer_state_is_taken_must_keep_their_column_split(tmp_path) -> None:
+    """Row-wise Adagrad's state holds one value per row of each column shard, so a table whose state is taken must
+    keep its column split; a frozen table keeps no state (an ELEC entity table, not taken at all, or one this run
+    freezes), so its placement may change with the world size: the earlier run's 2-rank column-wise entity table
+    on 1 rank was refused, although nothing of it loads, and so was a table replicated there that this run freezes
+    (frozen tables are never replicated)."""
+    saved_plan = str(tmp_path / "sharding_plan.json")
+    with open(saved_plan, "w", encoding="utf-8") as handle:
+        json.dump({"t_city": _placement("table_wise", 1), "t_age": _placement("column_wise", 2),
+                   "t_user": {"sharding_type": "data_parallel", "shards": []},
+                   "semantic_item": _placement("column_wise", 2)}, handle)
+    saved = load_config(DEEPFM_CONFIG)
+    config = load_config(DEEPFM_CONFIG, ["train.init_from=runs/day1", "train.init_scope=tables",
+                                         "sharding.frozen_tables=[teacher_age,teacher_user]"])
+    taken = {"teacher_city": "t_city", "teacher_age": "t_age", "teacher_user": "t_user"}
+    now = {"teacher_city": _placement("table_wise", 1), "teacher_age": _placement("table_wise", 1),
+           "teacher_user": _placement("table_wise", 1), "semantic_item": _placement("table_wise", 1)}
+    with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
+        _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken,
+                                    stateful=_stateful_tables(config, taken))
+        # every table checked: the frozen one replicated there refused first
+        with pytest.raises(ConfigError, match=r"'teacher_user \(from t_user\)' data_parallel -> table_wise"):
+            _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken)
+    now["teacher_city"] = _placement("column_wise", 2)  # a table whose state is taken: still refused
+    with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
+        with pytest.raises(ConfigError, match=r"'teacher_city \(from t_city\)' 1 \(table_wise\) -> 2"):
+            _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken,
+                                        stateful=_stateful_tables(config, taken))
+    assert _stateful_tables(config, taken) == ["teacher_city"]
+
+
 def test_a_checkpoint_whose_tables_are_kept_under_other_names_is_refused_naming_where_each_keeps_them(
         tmp_path) -> None:
     """A plain day 1 run and an ELEC gain network on day 2 (or a gain network and a student) share no table key:
