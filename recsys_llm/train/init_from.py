@@ -23,7 +23,7 @@ Example::
 """
 
 import os
-from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, Mapping, NamedTuple, Optional, Tuple
 
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
@@ -41,7 +41,7 @@ from recsys_llm.train.checkpoint import (
 )
 from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, load_config
 from recsys_llm.train.init_tables import TableShape, check_table_settings, shared_tables, table_of
-from recsys_llm.train.resume import check_same_table_state_layout
+from recsys_llm.train.resume import check_same_table_state_layout, stateful_tables
 from recsys_llm.train.run_records import (
     PLAN_FILE,
     check_same_entity_vector_source,
@@ -130,7 +130,7 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     if train_cfg.init_optimizer:
         _check_optimizer_state_fits(config, load_config(saved_config), plan,
                                     os.path.join(run_dir_of(checkpoint), PLAN_FILE),
-                                    stateful=_stateful_tables(config, tables) if tables else None)
+                                    stateful=stateful_tables(tables, config.sharding.frozen_tables) if tables else None)
     return InitSource(checkpoint, train_cfg.init_optimizer)
 
 
@@ -149,16 +149,10 @@ def _check_tables_source(config: ExperimentConfig, schema: DatasetSchema, plan: 
     if config.train.init_optimizer:
         _check_optimizer_state_fits(config, saved, plan, os.path.join(run_dir_of(checkpoint), PLAN_FILE),
                                     kinds=("sparse",), tables={name: table_of(key) for name, key in taken.items()},
-                                    stateful=_stateful_tables(config, taken))
+                                    stateful=stateful_tables(taken, config.sharding.frozen_tables))
     sources = {tables[name].key: key for name, key in taken.items() if key != tables[name].key}
     return InitSource(checkpoint, config.train.init_optimizer, {name: tables[name].key for name in taken},
                       tuple(sorted(name for name in tables if name not in taken)), sources or None)
-
-
-def _stateful_tables(config: ExperimentConfig, tables: Collection[str]) -> List[str]:
-    """The tables of ``tables`` (this run's trained tables, or those it takes) that keep optimizer state here: all
-    but ``sharding.frozen_tables`` (SGD at lr 0, stateless)."""
-    return sorted(name for name in tables if name not in config.sharding.frozen_tables)
 
 
 def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfig, plan: ShardingPlan,

@@ -4,7 +4,7 @@ another world size or batch size."""
 import json
 import sys
 import warnings
-from typing import Any, Collection, Dict, Mapping, Optional
+from typing import Any, Collection, Dict, List, Mapping, Optional
 
 from torchrec.distributed.types import ShardingPlan
 
@@ -163,6 +163,12 @@ def column_shards(placement: Dict[str, Any]) -> int:
     """How many column ranges a table's shards split it into (``table_placements``' entry of one
     table): more than 1 only for the column-wise types."""
     return len({tuple(shard["offsets"][1:]) for shard in placement.get("shards") or []}) or 1
+
+
+def stateful_tables(tables: Collection[str], frozen_tables: Collection[str]) -> List[str]:
+    """The tables of ``tables`` (a run's trained tables, or those a ``train.init_from`` run takes) that keep optimizer
+    state: all but ``frozen_tables`` (``sharding.frozen_tables``: SGD at lr 0, stateless), sorted."""
+    return sorted(name for name in tables if name not in frozen_tables)
 
 
 def check_same_table_state_layout(saved_plan_path: str, plan: ShardingPlan, sparse_optimizer: str,

@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import IO, Any, Callable, Collection, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -102,6 +102,7 @@ from recsys_llm.train.resume import (
     reopen_for_budget,
     resume_point,
     state_for_world,
+    stateful_tables,
 )
 from recsys_llm.train.run_data import build_readers, check_split_names, load_or_generate_schema, metric_subsets
 from recsys_llm.train.run_records import (
@@ -333,7 +334,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
                          "its checkpoints and the new run's would mix: use an empty train.run_dir")
     if latest is not None:
         built, init_record = _check_resume(config, ctx, schema, built, readers["train"], plan, checkpoints, best,
-                                           latest, saved_config, fingerprints)
+                                           latest, saved_config, fingerprints, init_tables)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     # rank 0 holds the run directory while the job trains: a second job there would delete the
     # first one's checkpoint in writing and interleave its metrics
@@ -350,11 +351,12 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
 def _check_resume(
     config: ExperimentConfig, ctx: DistContext, schema: DatasetSchema, built: BuiltTask,
     train_reader: ParquetBatchReader, plan: Any, checkpoints: CheckpointManager, best: CheckpointManager,
-    latest: str, saved_config: str, fingerprints: Dict[str, str],
+    latest: str, saved_config: str, fingerprints: Dict[str, str], trained: Collection[str],
 ) -> Tuple[BuiltTask, Optional[Dict[str, Any]]]:
     """Raises unless the run of ``train.run_dir`` can go on from its checkpoint ``latest`` with ``config``, its
     data and its plug-ins (every rank, before anything in run_dir changes). Returns ``built`` with the frozen
-    teacher the run started with, and the ``train.init_from`` record the run kept (None without one)."""
+    teacher the run started with, and the ``train.init_from`` record the run kept (None without one); ``trained``:
+    the model's trained tables (whose optimizer states the checkpoint holds, but ``sharding.frozen_tables``')."""
     run_dir = config.train.run_dir
     init_record: Optional[Dict[str, Any]] = None
     if not os.path.isfile(saved_config):
@@ -363,7 +365,9 @@ def _check_resume(
     check_resumable(config, saved_config)
     check_trained_on(schema, saved_config, run_dir)
     check_resumable_position(read_train_state(latest), ctx, config.train, train_reader, config.data.shuffle)
-    check_same_table_state_layout(os.path.join(run_dir, PLAN_FILE), plan, config.optim.sparse)
+    # a frozen table keeps no state: its placement may change with the world size
+    check_same_table_state_layout(os.path.join(run_dir, PLAN_FILE), plan, config.optim.sparse,
+                                  tables=stateful_tables(trained, config.sharding.frozen_tables))
     # found at the first record or save otherwise, once the model is built or after training (another user's run,
     # its directories made group-writable but its files written under umask 022)
     for written in (run_dir, os.path.join(run_dir, METRICS_FILE), checkpoints.directory, best.directory):

@@ -24,7 +24,8 @@ from recsys_llm.train import runner
 from recsys_llm.train.checkpoint import DIGESTS_FILE
 from recsys_llm.train.checkpoint_reader import SafeFileSystemReader, WeightsOnlyLoadPlanner
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits, _stateful_tables
+from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits
+from recsys_llm.train.resume import stateful_tables
 from recsys_llm.train.init_tables import TableShape, shared_tables, trained_tables
 from recsys_llm.train.runner import run_training
 from tests.entity_vectors import export_entity_table
@@ -665,7 +666,7 @@ def test_only_the_tables_whose_optimizer_state_is_taken_must_keep_their_column_s
            "teacher_user": _placement("table_wise", 1), "semantic_item": _placement("table_wise", 1)}
     with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
         _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken,
-                                    stateful=_stateful_tables(config, taken))
+                                    stateful=stateful_tables(taken, config.sharding.frozen_tables))
         # every table checked: the frozen one replicated there refused first
         with pytest.raises(ConfigError, match=r"'teacher_user \(from t_user\)' data_parallel -> table_wise"):
             _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken)
@@ -673,8 +674,8 @@ def test_only_the_tables_whose_optimizer_state_is_taken_must_keep_their_column_s
     with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
         with pytest.raises(ConfigError, match=r"'teacher_city \(from t_city\)' 1 \(table_wise\) -> 2"):
             _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken,
-                                        stateful=_stateful_tables(config, taken))
-    assert _stateful_tables(config, taken) == ["teacher_city"]
+                                        stateful=stateful_tables(taken, config.sharding.frozen_tables))
+    assert stateful_tables(taken, config.sharding.frozen_tables) == ["teacher_city"]
 
 
 def test_a_checkpoint_whose_tables_are_kept_under_other_names_is_refused_naming_where_each_keeps_them(
