@@ -142,7 +142,7 @@ def _check_tables_source(config: ExperimentConfig, schema: DatasetSchema, plan: 
     check_table_settings(config, saved, what)
     fields = check_shared_fields(schema, saved_config, what)
     elec = saved.elec or {}
-    # a frozen teacher's tables are not that run's training but its teacher export's: never matched by field
+    # a frozen teacher's tables are not that run's training but its teacher export's: never taken
     frozen_teacher = elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "frozen"
     taken = shared_tables(checkpoint, tables, what, fields=fields,
                           untaken_prefixes=(TEACHER_PREFIX,) if frozen_teacher else ())

@@ -76,17 +76,21 @@ def shared_tables(checkpoint: str, tables: Mapping[str, TableShape], what: str,
                   fields: Optional[Collection[str]] = None, untaken_prefixes: Collection[str] = ()) -> Dict[str, str]:
     """``{table: the checkpoint's state-dict key}`` of the tables of ``tables`` that ``checkpoint`` holds: under the
     same key, else (a table of one feature, one of ``fields``: those both runs share unchanged) its table of that
-    field, named ``<prefix><field>`` (:data:`NETWORK_PREFIXES`, but ``untaken_prefixes``). Of two such tables, the
-    one of this table's name is taken (a gain network's ``teacher_x`` for a pair's teacher); otherwise both refused.
+    field, named ``<prefix><field>`` (:data:`NETWORK_PREFIXES`; a table named with one of ``untaken_prefixes`` is
+    taken in neither way). Of two such tables, the one of this table's name is taken (a gain network's
+    ``teacher_x`` for a pair's teacher); otherwise both refused.
 
     Raises:
         ConfigError: none, one of another shape or dtype (naming it, the checkpoint's table, and both shapes),
             or a table whose field two of the checkpoint's tables embed (naming them).
     """
     metadata = SafeFileSystemReader(checkpoint).read_metadata()
+    untaken = tuple(untaken_prefixes)
+    # tables of untaken_prefixes are not that run's training (a frozen teacher's): taken neither by key nor by field
     saved = {key[len("model."):]: item for key, item in metadata.state_dict_metadata.items()
-             if key.startswith("model.")}
-    prefixes = [prefix for prefix in NETWORK_PREFIXES if prefix not in untaken_prefixes]
+             if key.startswith("model.") and not (untaken and _TABLE_WEIGHT.fullmatch(key)
+                                                  and table_of(key).startswith(untaken))}
+    prefixes = [prefix for prefix in NETWORK_PREFIXES if prefix not in untaken]
     sources = _match_tables(tables, saved, fields, prefixes, what)
     if not sources:
         raise ConfigError(f"{what}: its checkpoint holds none of this model's tables ({', '.join(sorted(tables))}) "

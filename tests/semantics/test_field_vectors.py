@@ -9,7 +9,8 @@ import torch
 from recsys_llm.cli import main
 from recsys_llm.cli import semantics as semantics_cli
 from recsys_llm.semantics.field_vectors import FieldVectorConfig, encode_field_vectors
-from recsys_llm.semantics.store import VectorProvenanceError, load_vectors
+from recsys_llm.semantics.store import (VectorProvenance, VectorProvenanceError, check_same_vectors_output,
+                                         load_vectors, save_vectors)
 from recsys_llm.semantics.templates import PromptTemplates
 from tests.semantics.conftest import make_schema
 
@@ -458,3 +459,21 @@ def test_vectors_of_the_next_days_schema_are_not_written_over_the_earlier_days(t
     monkeypatch.undo()
     stored = encode_field_vectors(FieldVectorConfig(model_path=tiny_bert_dir), day2, str(tmp_path / "day2.safetensors"))
     assert stored.keys[-1] == "seller"
+
+
+def test_vectors_of_another_dtype_or_other_left_out_fields_are_other_vectors_and_older_files_entries_are_not(
+        tmp_path, tiny_schema) -> None:
+    """``check_same_vectors_output``: vectors encoded in another dtype, or leaving out other fields, are other
+    vectors and not written over the file (guards a dropped ``dtype`` / ``left_out`` identity entry); an entry the
+    earlier file lacks (``max_length``, written before it was recorded) is not compared, so the same vectors
+    replace it (guards comparing a missing entry as a difference)."""
+    output = str(tmp_path / "fields.safetensors")
+    names = [spec.name for spec in tiny_schema.fields]
+    earlier = VectorProvenance(model_id="m", model_hash="h", pooling="mean", template="t", left_out=[],
+                               extra={"texts": names, "dtype": "float32"}).for_schema(tiny_schema)
+    save_vectors(output, torch.zeros(len(names), 4), names, earlier)
+    check_same_vectors_output(output, dataclasses.replace(earlier, max_length=16))  # older file: no max_length
+    with pytest.raises(FileExistsError, match=r"differing: dtype\)"):
+        check_same_vectors_output(output, dataclasses.replace(earlier, extra={"texts": names, "dtype": "bfloat16"}))
+    with pytest.raises(FileExistsError, match=r"differing: left_out\)"):
+        check_same_vectors_output(output, dataclasses.replace(earlier, left_out=[names[0]]))

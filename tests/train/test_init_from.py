@@ -24,7 +24,7 @@ from recsys_llm.train import runner
 from recsys_llm.train.checkpoint import DIGESTS_FILE
 from recsys_llm.train.checkpoint_reader import SafeFileSystemReader, WeightsOnlyLoadPlanner
 from recsys_llm.train.config import ConfigError, load_config
-from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits
+from recsys_llm.train.init_from import INIT_FROM_KEY, _check_optimizer_state_fits, start_line
 from recsys_llm.train.resume import stateful_tables
 from recsys_llm.train.init_tables import TableShape, shared_tables, trained_tables
 from recsys_llm.train.runner import run_training
@@ -574,6 +574,7 @@ def test_a_run_on_data_with_a_new_field_takes_the_shared_tables_and_starts_the_r
     assert out["dense_optimizer_state"] == []
     new_table = f"t_{NEW_FIELD}"
     assert out["record"]["scope"] == "tables" and out["record"]["checkpoint"] == out["checkpoint"]
+    assert "table_sources" not in out["record"]  # every table under its own key: none matched by field
     assert out["record"]["tables"] == sorted(out["shared"]) and out["record"]["fresh_tables"] == [new_table]
     assert out["started"]["init_tables"] == sorted(out["shared"]) and out["started"]["fresh_tables"] == [new_table]
     assert f"field '{NEW_FIELD}' only in the current schema" in out["all"] and "train.init_scope=tables" in out["all"]
@@ -801,6 +802,12 @@ def _tables_across_network_kinds(root: str) -> Dict[str, Any]:
     out["plain_from_student"] = same("plain_from_student", "t_", "student", "student_")
     out["plain_from_student_momenta"] = momenta("plain_from_student", "t_", "student", "student_")
     out["plain_from_student_record"] = _record(os.path.join(root, "plain_from_student"))[INIT_FROM_KEY]
+    # a joint pair from that student: its teacher's tables, the frozen teacher's export there, are not taken
+    with _weights_as_started(started, "joint_from_student"):
+        _method_run(data, os.path.join(root, "joint_from_student"), [*joint, *tables, f"train.init_from={student}"])
+    out["joint_from_student"] = same("joint_from_student", "student_", "student", "student_") and \
+        same("joint_from_student", "teacher_", "student", "student_")
+    out["joint_from_student_record"] = _record(os.path.join(root, "joint_from_student"))[INIT_FROM_KEY]
     # a joint pair's checkpoint holds two trained tables of each field: a plain run cannot tell which to take
     try:
         _method_run(data, os.path.join(root, "plain_from_joint"), [*tables, f"train.init_from={root}/joint"])
@@ -822,11 +829,19 @@ def test_tables_pass_by_field_between_plain_runs_gain_networks_and_students(tmp_
     assert out["joint_student"] and out["joint_teacher"] and out["joint_momenta"] and out["joint_rest_fresh"]
     assert out["joint_from_gain"]
     assert out["plain_from_student"] and out["plain_from_student_momenta"]
+    # the pair's teacher took the frozen teacher's tables under the same keys (an export, no optimizer state: the
+    # load failed as "a checkpoint of another model"); both networks take that run's trained student tables
+    from_student = out["joint_from_student_record"]
+    assert out["joint_from_student"] and from_student["fresh_tables"] == []
+    assert from_student["table_sources"] == {**{f"student_{field}": f"student_{field}" for field in fields},
+                                             **{f"teacher_{field}": f"student_{field}" for field in fields}}
     record = out["gain_record"]
     assert record["scope"] == "tables" and record["optimizer"] is True and record["fresh_tables"] == []
     assert record["tables"] == [f"teacher_{field}" for field in fields]
     assert record["table_sources"] == {f"teacher_{field}": f"t_{field}" for field in fields}
     assert out["gain_started"]["init_table_sources"] == record["table_sources"]
+    # the start line names where each table came from (guards a line claiming the tables by their own names)
+    assert f"tables teacher_{fields[0]} (from t_{fields[0]})," in start_line("runs/gain", record)
     assert out["joint_record"]["table_sources"] == {
         **{f"student_{field}": f"t_{field}" for field in fields}, **{f"teacher_{field}": f"t_{field}" for field in fields}}
     assert out["joint_from_gain_record"]["table_sources"] == {
@@ -886,3 +901,68 @@ def test_a_table_matched_by_field_of_another_shape_is_refused_naming_both_tables
     same_key = {"t_age": TableShape(f"{TABLES}.t_age.weight", 3, 8, torch.float32, ("age",))}
     assert shared_tables(checkpoint, same_key, "train.init_from=runs/day1", fields=[]) == {
         "t_age": f"{TABLES}.t_age.weight"}
+
+
+def test_a_gain_networks_table_takes_the_pairs_teacher_table_of_its_name_and_multi_feature_tables_are_not_matched(
+        tmp_path) -> None:
+    """Matching by field (``shared_tables``): of a joint pair's two tables of a field, a gain network's
+    ``teacher_city`` takes the one of its name (the pair's teacher's), not the student's (guards taking the other
+    network's table); a table of several features is not matched by its first feature (guards starting a shared
+    table from one field's table); without ``fields`` nothing is matched by field; and a table under the same key of
+    another dtype is refused (guards comparing sizes alone)."""
+    checkpoint = str(tmp_path / "ckpt")
+    pair = "embedding_bag_collection.embedding_bags"
+    dcp.save({"model": {f"student.model.{pair}.student_city.weight": torch.zeros(4, 8),
+                        f"teacher.model.{pair}.teacher_city.weight": torch.ones(4, 8),
+                        f"{TABLES}.t_age.weight": torch.zeros(3, 8)}}, checkpoint_id=checkpoint, no_dist=True)
+    gain = {"teacher_city": TableShape(f"{TABLES}.teacher_city.weight", 4, 8, torch.float32, ("city",))}
+    assert shared_tables(checkpoint, gain, "train.init_from=runs/joint", fields=["city"]) == {
+        "teacher_city": f"teacher.model.{pair}.teacher_city.weight"}
+    with pytest.raises(ConfigError, match=r"holds none of this model's tables \(teacher_city\)"):
+        shared_tables(checkpoint, gain, "train.init_from=runs/joint")  # fields unknown: no match by field
+    two_features = {"t_place": TableShape(f"{TABLES}.t_place.weight", 4, 8, torch.float32, ("city", "town"))}
+    with pytest.raises(ConfigError, match=r"holds none of this model's tables \(t_place\)"):
+        shared_tables(checkpoint, two_features, "train.init_from=runs/joint", fields=["city", "town"])
+    other_dtype = {"t_age": TableShape(f"{TABLES}.t_age.weight", 3, 8, torch.bfloat16, ("age",))}
+    with pytest.raises(ConfigError, match=r"t_age: 3 x 8 float32 there, 3 x 8 bfloat16 here"):
+        shared_tables(checkpoint, other_dtype, "train.init_from=runs/day1", fields=["age"])
+
+
+def _gain_from_a_plain_run_with_a_frozen_table(root: str) -> Dict[str, str]:
+    data, *elec = _elec_data(root)
+    plain = os.path.join(root, "plain")
+    _method_run(data, plain, ["sharding.frozen_tables=[t_device]"])
+    out = {}
+    try:
+        _method_run(data, os.path.join(root, "gain"), [*elec, "elec.task=gain", f"train.init_from={plain}",
+                                                       "train.init_scope=tables", "train.max_steps=1"])
+    except ConfigError as error:
+        out["refusal"] = str(error)
+    out["left"] = str(os.path.exists(os.path.join(root, "gain")))
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_table_matched_by_field_to_one_its_init_run_kept_frozen_takes_no_optimizer_state_for_it(tmp_path) -> None:
+    """A gain network's ``teacher_device`` matched to a plain run's frozen ``t_device`` (no optimizer state there):
+    refused up front naming both tables, not by DCP's missing key as 'a checkpoint of another model' (guards the
+    frozen-table check seeing the tables by this run's names, under which that run froze none)."""
+    (out,) = run_multiprocess(_gain_from_a_plain_run_with_a_frozen_table, world_size=1, root=str(tmp_path))
+    assert "sharding.frozen_tables: t_device (for teacher_device) frozen there" in out.get("refusal", ""), out
+    assert "train.init_optimizer=false" in out["refusal"] and out["left"] == "False"
+
+
+def test_the_optimizer_state_of_a_table_matched_by_field_is_checked_under_its_saved_tables_name() -> None:
+    """``_check_optimizer_state_fits(tables={table: the saved table it comes from})``: a saved table kept frozen (no
+    state) that a table of another name takes is refused naming both, and the column-split check is told which
+    saved table each one's state comes from (guards both checks looking the tables up by this run's names)."""
+    config = load_config(DEEPFM_CONFIG, ["train.init_from=runs/day1", "train.init_scope=tables"])
+    frozen = load_config(DEEPFM_CONFIG, ["sharding.frozen_tables=[t_device]"])
+    with mock.patch("recsys_llm.train.init_from.check_same_table_state_layout"):
+        with pytest.raises(ConfigError, match=r"sharding\.frozen_tables: t_device \(for teacher_device\) frozen there"):
+            _check_optimizer_state_fits(config, frozen, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
+                                        tables={"teacher_device": "t_device", "teacher_user_id": "t_user_id"})
+    with mock.patch("recsys_llm.train.init_from.check_same_table_state_layout") as layout:
+        _check_optimizer_state_fits(config, load_config(DEEPFM_CONFIG), None, "runs/day1/sharding_plan.json",
+                                    kinds=("sparse",), tables={"teacher_device": "t_device", "t_age": "t_age"})
+    assert layout.call_args.kwargs["renamed"] == {"teacher_device": "t_device"}

@@ -1357,3 +1357,25 @@ def test_the_plan_is_broadcast_on_the_host_group(monkeypatch):
                         lambda objects, src=0, group=None, **kwargs: calls.append((src, group)))
     assert sharding._plan_on_rank_0(lambda: "the plan") == ("the plan", None)
     assert calls == [(0, host)]
+
+
+def test_a_table_matched_by_field_is_compared_with_the_saved_tables_placement_it_takes_state_from(tmp_path) -> None:
+    """``check_same_table_state_layout(renamed=...)``: a gain network's ``teacher_user_id`` takes the row-wise Adagrad
+    state of the plain run's ``t_user_id``, so their column splits are compared, and the refusal names both tables
+    (guards a renamed table skipped as one the saved plan lacks, its state failing to load later)."""
+    import json
+    from unittest import mock
+
+    from recsys_llm.train.config import ConfigError
+    from recsys_llm.train.resume import check_same_table_state_layout
+
+    def placement(kind: str, columns: List[int]) -> Dict[str, Any]:
+        return {"sharding_type": kind, "shards": [{"offsets": [0, column], "sizes": [10, 4]} for column in columns]}
+
+    saved = tmp_path / "sharding_plan.json"
+    saved.write_text(json.dumps({"t_user_id": placement("table_wise", [0])}), encoding="utf-8")
+    now = {"teacher_user_id": placement("column_wise", [0, 4])}
+    with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
+        check_same_table_state_layout(str(saved), None, "row_wise_adagrad")  # no state of that name taken
+        with pytest.raises(ConfigError, match=r"'teacher_user_id \(from t_user_id\)' 1 \(table_wise\) -> 2 "):
+            check_same_table_state_layout(str(saved), None, "row_wise_adagrad", renamed={"teacher_user_id": "t_user_id"})
