@@ -129,11 +129,7 @@ def prepare_tabular_like(
              for spec in like.categorical_fields}
     available = source_columns(data_path, config)
     wanted = [spec.name for spec in like.fields]
-    missing = [name for name in wanted if name not in available]
-    if missing:
-        raise DataError(f"{data_path}: missing column(s) {missing}, field(s) of the earlier schema {like.name!r} "
-                        f"({like_dir}); {near_names(missing, available)}{format_hint(data_path, available, config)}"
-                        f"the file has columns {available}")
+    _check_columns(data_path, wanted, available, config, f"field(s) of the earlier schema {like.name!r} ({like_dir})")
     new = _plan_added(data_path, schema_path, added, available, config, progress) if added else None
     with_label = like.label in available
     row_key = like.row_key if like.row_key and like.row_key in available else None
@@ -222,6 +218,15 @@ def _kept_schema(like: DatasetSchema, added: AddedFields) -> DatasetSchema:
                                ids={name: way for name, way in like.ids.items() if name not in added.dropped})
 
 
+def _check_columns(data_path: str, names: List[str], available: List[str], config: TabularConfig, whose: str) -> None:
+    """Raises DataError naming the columns of ``names`` that ``data_path`` (whose columns are ``available``) lacks,
+    ``whose`` they are, near names and what the file has."""
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise DataError(f"{data_path}: missing column(s) {missing}, {whose}; {near_names(missing, available)}"
+                        f"{format_hint(data_path, available, config)}the file has columns {available}")
+
+
 def _plan_added(data_path: str, schema_path: str, added: AddedFields, available: List[str], config: TabularConfig,
                 progress: bool) -> _NewFields:
     """The first pass of a fresh ``prepare tabular`` over the new fields' columns: their plans (vocabularies,
@@ -231,11 +236,7 @@ def _plan_added(data_path: str, schema_path: str, added: AddedFields, available:
         DataError: a new field's column the rows lack, naming the file, the field and the schema file.
     """
     names = [spec.name for spec in added.added]
-    missing = [name for name in names if name not in available]
-    if missing:
-        raise DataError(f"{data_path}: missing column(s) {missing}, new field(s) of {schema_path} (--schema); "
-                        f"{near_names(missing, available)}{format_hint(data_path, available, config)}"
-                        f"the file has columns {available}")
+    _check_columns(data_path, names, available, config, f"new field(s) of {schema_path} (--schema)")
     new_schema = dataclasses.replace(added.schema, fields=list(added.added), ids={}, extra_columns=[])
     texts = {spec.name: user_value_text(new_schema, spec.name) for spec in added.added if spec.value_text}
     plans: Dict[str, FieldPlan] = {}
