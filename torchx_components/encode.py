@@ -94,7 +94,7 @@ def encode(
             f"job {job!r} runs as one process (only export splits its work over workers); every extra worker "
             f"would redo it and write the same output: use nnodes=1 nproc_per_node=1, got {nnodes}x{nproc_per_node}"
         )
-    if job != "export" and host_gpus > 1 and not named_resource:  # it loads the LLM on one device (cuda:0)
+    if job != "export" and gpu > 1 and not named_resource:  # it loads the LLM on one device (cuda:0)
         raise ValueError(f"job {job!r} runs the LLM on one GPU; gpu={gpu} would hold {gpu - 1} more idle for the "
                          "whole job: pass --gpu 1")
     if rdzv_backend == "static" and nnodes == 1:

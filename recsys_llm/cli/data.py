@@ -154,10 +154,11 @@ def _check_like_options(args: argparse.Namespace) -> None:
     ``--split-name`` without ``--like``, those options naming an earlier field)."""
     if args.like is None:
         return
-    given = [flag for name, flag in _LIKE_REFUSED.items() if getattr(args, name) not in (None, [])
-             and not (args.schema and name in _NEW_FIELD_OPTIONS)]
+    refused = {name: flag for name, flag in _LIKE_REFUSED.items()
+               if not (args.schema and name in _NEW_FIELD_OPTIONS)}
+    given = [flag for name, flag in refused.items() if getattr(args, name) not in (None, [])]
     if given:
-        options = "--split, --split-by, --seed" if args.schema else "--split, --split-by, --seed, --vocabulary, --hash"
+        options = ", ".join(refused.values())
         raise ValueError(f"prepare tabular --like {args.like}: {', '.join(given)} decided by the earlier preparation "
                          f"(its splits and ids, which the new rows keep); expected them left out ({options} "
                          "with --like)")

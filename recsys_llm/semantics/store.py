@@ -195,7 +195,9 @@ def check_vector_output(path: str) -> None:
 
 def _stored_provenance(path: str) -> Optional[Dict[str, Any]]:
     """The provenance of the field-vector file :func:`save_vectors` wrote at ``path``; None for anything else (not
-    safetensors, no or unreadable provenance, none of its keys)."""
+    safetensors, no or unreadable provenance, none of its keys, no file at all)."""
+    if not os.path.isfile(path):
+        return None
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -229,7 +231,7 @@ def check_same_vectors_output(path: str, provenance: VectorProvenance) -> None:
     Raises:
         FileExistsError: naming the entries that differ, both models and the way out.
     """
-    earlier = _stored_provenance(path) if os.path.isfile(path) else None
+    earlier = _stored_provenance(path)
     if earlier is None:
         return
     before, now = _vector_identity(earlier), _vector_identity(provenance.to_dict())
@@ -255,7 +257,7 @@ def check_same_fields_output(path: str, schema: DatasetSchema) -> None:
     Raises:
         FileExistsError: naming both field lists' difference and the way out.
     """
-    earlier = _stored_provenance(path) if os.path.isfile(path) else None
+    earlier = _stored_provenance(path)
     recorded = (earlier or {}).get("schema_semantic_fingerprint")
     if not recorded or recorded == schema.semantic_fingerprint():
         return

@@ -754,9 +754,19 @@ def _renamed_rounds(target: Dict[str, Any], sources: Mapping[str, str]) -> List[
     differ), holding this model's tensors, for DCP to load in place: a parameter's optimizer states renamed from
     its table's name to the checkpoint table's (``student_x.momentum1`` <- ``t_x.momentum1``). A checkpoint key that
     feeds several of this model's keys needs one load for each: one dict per round, each checkpoint key once in it.
-    The rounds follow the model keys alone, which every rank holds (their optimizer states may differ by rank)."""
+    The rounds follow the model keys alone, which every rank holds (their optimizer states may differ by rank).
+
+    Raises:
+        ValueError: an optimizer state that is no tensor (DCP would load it into the round's dict alone).
+    """
     rounds: List[Dict[str, Any]] = []
     optim = target.get("optim", {})
+    # DCP loads tensors in place but puts other values into the round's dict, which would drop them unseen
+    other = sorted(f"{key}: {name}" for key in target["model"] for name, state in optim.get(key, {}).items()
+                   if not isinstance(state, torch.Tensor))
+    if other:
+        raise ValueError(f"optimizer states that are no tensors ({', '.join(other)}) cannot be loaded under another "
+                         "table's name; set train.init_optimizer=false to take the tables' weights alone")
     for key in sorted(target["model"]):
         source = sources.get(key, key)
         part = next((part for part in rounds if source not in part["model"]), None)
@@ -781,9 +791,9 @@ def _removed_while_read(path: str) -> FileNotFoundError:
 
 
 def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[CombinedOptimizer],
-                              restore_rng: bool, only: Optional[Collection[str]] = None,
-                              sources: Optional[Mapping[str, str]] = None) -> TrainState:
-    """:func:`load_checkpoint` of a directory that holds a complete checkpoint."""
+                              restore_rng: bool, only: Optional[Collection[str]],
+                              sources: Mapping[str, str]) -> TrainState:
+    """:func:`load_checkpoint` of a directory that holds a complete checkpoint (``sources``: {} for none)."""
     state = read_train_state(path)
     verify_digests(path)
     materialised: List[KeyedOptimizerWrapper] = []
@@ -799,7 +809,7 @@ def _load_complete_checkpoint(path: str, model: nn.Module, optimizer: Optional[C
     if only is None:
         require_no_weights_beyond(path, metadata, target["model"])  # DCP would skip them silently
     else:
-        target = _only_keys(path, metadata, target, only, sources or {})
+        target = _only_keys(path, metadata, target, only, sources)
     # parameters no gradient had reached by the save have no state there, as in the run that wrote it
     never_stepped: Dict[str, Dict[str, Any]] = {}
     if optimizer is not None:

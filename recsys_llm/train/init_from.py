@@ -23,7 +23,7 @@ Example::
 """
 
 import os
-from typing import Any, Collection, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
@@ -122,9 +122,7 @@ def check_init_source(config: ExperimentConfig, schema: DatasetSchema, plan: Sha
     check_trained_with_these_vectors(checkpoint, plugins, f"Pass the vector file that run trained with "
                                      f"(llactr.vectors_path), or {fresh}", f"attach the vectors that run trained on, "
                                      f"or {fresh}")
-    elec = config.elec or {}
-    frozen_teacher = elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "frozen"
-    if not frozen_teacher:  # a frozen teacher's tables come from its own checkpoint, which the run may change
+    if not _has_frozen_teacher(config):  # a frozen teacher's tables come from its own checkpoint, which may change
         check_same_entity_vector_source(checkpoint, plugins, "Export the day's entities with the adapted LLM that "
                                         f"run's vectors came from (semantics export --llm), or {fresh}")
     if train_cfg.init_optimizer:
@@ -141,41 +139,47 @@ def _check_tables_source(config: ExperimentConfig, schema: DatasetSchema, plan: 
     saved = load_config(saved_config)
     check_table_settings(config, saved, what)
     fields = check_shared_fields(schema, saved_config, what)
-    elec = saved.elec or {}
     # a frozen teacher's tables are not that run's training but its teacher export's: never taken
-    frozen_teacher = elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "frozen"
     taken = shared_tables(checkpoint, tables, what, fields=fields,
-                          untaken_prefixes=(TEACHER_PREFIX,) if frozen_teacher else ())
+                          untaken_prefixes=(TEACHER_PREFIX,) if _has_frozen_teacher(saved) else ())
     if config.train.init_optimizer:
         _check_optimizer_state_fits(config, saved, plan, os.path.join(run_dir_of(checkpoint), PLAN_FILE),
-                                    kinds=("sparse",), tables={name: table_of(key) for name, key in taken.items()},
+                                    kinds=("sparse",), origins={name: table_of(key) for name, key in taken.items()},
                                     stateful=stateful_tables(taken, config.sharding.frozen_tables))
     sources = {tables[name].key: key for name, key in taken.items() if key != tables[name].key}
     return InitSource(checkpoint, config.train.init_optimizer, {name: tables[name].key for name in taken},
                       tuple(sorted(name for name in tables if name not in taken)), sources or None)
 
 
+def _has_frozen_teacher(config: ExperimentConfig) -> bool:
+    """Whether ``config`` distils from a frozen teacher (``elec.task=distill``, ``elec.distill.mode=frozen``), whose
+    tables come from its own checkpoint rather than the run's training."""
+    elec = config.elec or {}
+    return elec.get("task") == "distill" and (elec.get("distill") or {}).get("mode") == "frozen"
+
+
 def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfig, plan: ShardingPlan,
                                 saved_plan: str, kinds: Collection[str] = OPTIMIZER_KINDS,
-                                tables: Optional[Collection[str]] = None,
+                                origins: Optional[Mapping[str, str]] = None,
                                 stateful: Optional[Collection[str]] = None) -> None:
     """Raises ConfigError unless this run's optimizers can take the state of the run ``saved`` configured (its
     ``sharding_plan.json`` at ``saved_plan``): the same ``kinds``, no table it kept frozen trained now (of
-    ``tables``, where given: those whose state it takes; a mapping names the table of that run each comes from,
-    where a table is matched by field), the same column split of each table (row-wise Adagrad) of ``stateful``
-    (the tables whose state is loaded: a frozen table's, whose placement may change freely, and a table left fresh
-    are not; None: every table of ``plan``)."""
+    ``origins``, where given: the tables whose state it takes, each -> the table of that run it comes from, which
+    differs where a table is matched by field; None: every table), the same column split of each table (row-wise
+    Adagrad) of ``stateful`` (the tables whose state is loaded: a frozen table's, whose placement may change freely,
+    and a table left fresh are not; None: every table of ``plan``)."""
     init_from = config.train.init_from
     changed = [f"optim.{kind}: {getattr(saved.optim, kind)!r} -> {getattr(config.optim, kind)!r}"
                for kind in kinds if getattr(saved.optim, kind) != getattr(config.optim, kind)]
+    renamed = {name: origin for name, origin in (origins or {}).items() if origin != name}
     # a frozen table trains by plain SGD at lr 0, which keeps no state: none to go on with here
-    origins = dict(tables) if isinstance(tables, Mapping) else {name: name for name in tables or ()}
-    thawed = [] if config.optim.sparse == "sgd" else sorted(
-        name for name in set(saved.sharding.frozen_tables) - set(config.sharding.frozen_tables)
-        if tables is None or name in tables and origins[name] == name)
-    thawed += [] if config.optim.sparse == "sgd" else sorted(
-        f"{origin} (for {name})" for name, origin in origins.items()
-        if origin != name and origin in saved.sharding.frozen_tables and name not in config.sharding.frozen_tables)
+    thawed: List[str] = []
+    if config.optim.sparse != "sgd":
+        was_frozen, now_frozen = set(saved.sharding.frozen_tables), set(config.sharding.frozen_tables)
+        thawed = sorted(name for name in was_frozen - now_frozen
+                        if origins is None or origins.get(name) == name)
+        thawed += sorted(f"{origin} (for {name})" for name, origin in renamed.items()
+                         if origin in was_frozen and name not in now_frozen)
     if thawed:
         changed.append(f"sharding.frozen_tables: {', '.join(thawed)} frozen there (no optimizer state), trained here")
     if changed:
@@ -187,7 +191,7 @@ def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfi
     check_same_table_state_layout(saved_plan, plan, config.optim.sparse, advice=(
         f"set train.init_optimizer=false to start from its weights with fresh optimizer state, or shard as it "
         f"was (on its world size and device, sharding.plan_file={saved_plan})"),
-        renamed={name: origin for name, origin in origins.items() if origin != name}, tables=stateful)
+        renamed=renamed, tables=stateful)
 
 
 def load_init_source(source: InitSource, model: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, Any]:

@@ -291,7 +291,8 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     # swapped pairs double every training batch; the planner sizes for what a step really holds
     step_rows = config.data.batch_size * (2 if swap is not None else 1)
     tables = find_tables(built.task)
-    init_tables = trained_tables(tables)  # before sharding replaces the EBCs: what train.init_scope=tables takes
+    # before sharding replaces the EBCs: what train.init_scope=tables takes, and whose optimizer state a resume loads
+    trained = trained_tables(tables)
     weights = table_weights(tables)
     if ctx.is_main and train_cfg.progress and weights >= NOTED_TABLE_WEIGHTS:
         print(f"sharding: planning {len(tables)} tables ({weights_text(weights)} weights) on {ctx.world_size} rank(s) "
@@ -314,7 +315,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
     latest = earlier if train_cfg.resume else None
     init_record: Optional[Dict[str, Any]] = None
     if earlier is None:  # a run with checkpoints of its own goes on from them
-        init = run_on_every_rank(lambda: check_init_source(config, schema, plan, built.plugins, init_tables),
+        init = run_on_every_rank(lambda: check_init_source(config, schema, plan, built.plugins, trained),
                                  "checking train.init_from", ctx.device)
         if init is not None:  # before the plug-in weights: frozen ones come from their own files
             init_record = load_init_source(init, model, optimizer)
@@ -334,7 +335,7 @@ def _run_training(config: ExperimentConfig, on_step: Optional[StepHook]) -> Dict
                          "its checkpoints and the new run's would mix: use an empty train.run_dir")
     if latest is not None:
         built, init_record = _check_resume(config, ctx, schema, built, readers["train"], plan, checkpoints, best,
-                                           latest, saved_config, fingerprints, init_tables)
+                                           latest, saved_config, fingerprints, trained)
     barrier()  # every rank has read config.yaml / plugins.json before rank 0 rewrites them
     # rank 0 holds the run directory while the job trains: a second job there would delete the
     # first one's checkpoint in writing and interleave its metrics
@@ -637,7 +638,7 @@ def _finish_run(
     if ctx.is_main:
         write_text_atomically(os.path.join(run_dir, RESULTS_FILE),  # strict JSON, as metrics.jsonl: NaN is null
                               json.dumps(strict_json(results), indent=2, sort_keys=True, default=float))
-        log.write({"event": FINISHED_EVENT, "global_step": state.global_step, "epochs": state.epoch,
+        log.write({"event": FINISHED_EVENT, "global_step": state.global_step, "epoch": state.epoch,
                    "best_step": state.best_step})
         try:  # a picture that cannot be drawn (a full disk) must not fail a finished run, nor leave the ranks waiting
             plot_training_curves(run_dir)

@@ -637,10 +637,10 @@ def test_a_frozen_table_of_the_init_run_that_this_run_does_not_take_needs_no_opt
     config = load_config(DEEPFM_CONFIG, ["train.init_from=runs/day1", "train.init_scope=tables"])
     with mock.patch("recsys_llm.train.init_from.check_same_table_state_layout"):
         _check_optimizer_state_fits(config, saved, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
-                                    tables=["t_user_id"])
+                                    origins={"t_user_id": "t_user_id"})
         with pytest.raises(ConfigError, match=r"sharding\.frozen_tables: t_device frozen there"):
             _check_optimizer_state_fits(config, saved, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
-                                        tables=["t_user_id", "t_device"])
+                                        origins={"t_user_id": "t_user_id", "t_device": "t_device"})
 def _placement(sharding_type: str, column_shards: int) -> Dict[str, Any]:
     """A ``sharding_plan.json`` entry of a 10 x 8 table cut into ``column_shards`` column ranges."""
     width = 8 // column_shards
@@ -666,15 +666,15 @@ def test_only_the_tables_whose_optimizer_state_is_taken_must_keep_their_column_s
     now = {"teacher_city": _placement("table_wise", 1), "teacher_age": _placement("table_wise", 1),
            "teacher_user": _placement("table_wise", 1), "semantic_item": _placement("table_wise", 1)}
     with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
-        _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken,
+        _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), origins=taken,
                                     stateful=stateful_tables(taken, config.sharding.frozen_tables))
         # every table checked: the frozen one replicated there refused first
         with pytest.raises(ConfigError, match=r"'teacher_user \(from t_user\)' data_parallel -> table_wise"):
-            _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken)
+            _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), origins=taken)
     now["teacher_city"] = _placement("column_wise", 2)  # a table whose state is taken: still refused
     with mock.patch("recsys_llm.train.resume.table_placements", return_value=now):
         with pytest.raises(ConfigError, match=r"'teacher_city \(from t_city\)' 1 \(table_wise\) -> 2"):
-            _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), tables=taken,
+            _check_optimizer_state_fits(config, saved, None, saved_plan, kinds=("sparse",), origins=taken,
                                         stateful=stateful_tables(taken, config.sharding.frozen_tables))
     assert stateful_tables(taken, config.sharding.frozen_tables) == ["teacher_city"]
 
@@ -953,7 +953,7 @@ def test_a_table_matched_by_field_to_one_its_init_run_kept_frozen_takes_no_optim
 
 
 def test_the_optimizer_state_of_a_table_matched_by_field_is_checked_under_its_saved_tables_name() -> None:
-    """``_check_optimizer_state_fits(tables={table: the saved table it comes from})``: a saved table kept frozen (no
+    """``_check_optimizer_state_fits(origins={table: the saved table it comes from})``: a saved table kept frozen (no
     state) that a table of another name takes is refused naming both, and the column-split check is told which
     saved table each one's state comes from (guards both checks looking the tables up by this run's names)."""
     config = load_config(DEEPFM_CONFIG, ["train.init_from=runs/day1", "train.init_scope=tables"])
@@ -961,8 +961,8 @@ def test_the_optimizer_state_of_a_table_matched_by_field_is_checked_under_its_sa
     with mock.patch("recsys_llm.train.init_from.check_same_table_state_layout"):
         with pytest.raises(ConfigError, match=r"sharding\.frozen_tables: t_device \(for teacher_device\) frozen there"):
             _check_optimizer_state_fits(config, frozen, None, "runs/day1/sharding_plan.json", kinds=("sparse",),
-                                        tables={"teacher_device": "t_device", "teacher_user_id": "t_user_id"})
+                                        origins={"teacher_device": "t_device", "teacher_user_id": "t_user_id"})
     with mock.patch("recsys_llm.train.init_from.check_same_table_state_layout") as layout:
         _check_optimizer_state_fits(config, load_config(DEEPFM_CONFIG), None, "runs/day1/sharding_plan.json",
-                                    kinds=("sparse",), tables={"teacher_device": "t_device", "t_age": "t_age"})
+                                    kinds=("sparse",), origins={"teacher_device": "t_device", "t_age": "t_age"})
     assert layout.call_args.kwargs["renamed"] == {"teacher_device": "t_device"}

@@ -87,12 +87,14 @@ def read_added_fields(schema_path: str, like: DatasetSchema, like_dir: str) -> A
 
 def check_added_field_options(config: TabularConfig, added: AddedFields, like_dir: str) -> None:
     """Raises ValueError where ``--vocabulary`` / ``--hash`` (``TabularConfig.vocabulary_fields``, ``hash_fields``)
-    names a field of the earlier data (whose way to its ids the earlier preparation decided) or no field of the
-    schema file; the new fields' options are checked as a fresh ``prepare tabular`` checks them."""
+    names a field of the earlier data that the schema file keeps (whose way to its ids the earlier preparation
+    decided). Names of no field of the file are left to
+    :func:`~recsys_llm.data.tabular.convert.check_field_options`, which checks the new fields' options as a fresh
+    ``prepare tabular`` does."""
     new = {spec.name for spec in added.added}
+    kept = {spec.name for spec in added.schema.fields} - new
     for flag, names in (("--vocabulary", config.vocabulary_fields), ("--hash", config.hash_fields)):
-        earlier = [name for name in names if name not in new and name in
-                   {spec.name for spec in added.schema.fields}]
+        earlier = [name for name in names if name in kept]
         if earlier:
             raise ValueError(f"prepare tabular --like {like_dir}: {flag} {' '.join(earlier)}: field(s) of the earlier "
                              "data, whose ids the earlier preparation decided; expected it only for the new field(s) "
