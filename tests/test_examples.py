@@ -285,6 +285,31 @@ def test_daily_training_with_elec_encodes_only_the_new_products_and_serves_their
     assert day2["auc"] > scores["elec_day1"]["auc"]  # day 2's run knows the products new on day 2
 
 
+def test_daily_training_with_a_new_field_starts_from_day_1s_tables_and_beats_fresh_weights(tmp_path) -> None:
+    """``examples/daily_training.py --new-field``: day 2's new column ``channel`` is prepared ``--like`` day 1 with
+    the field added; the run started from day 1's tables (``train.init_scope=tables``) records the tables it took and
+    the new field's, fresh, and scores day 3 better than the same run from fresh weights (on the example's data and
+    seeds by 0.017 AUC; over six other data seeds 0.008 to 0.025 AUC and 0.025 to 0.037 NE)."""
+    _examples_on_path()
+    import daily_training
+
+    work = tmp_path / "daily"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # day 1's model on day 3's grown vocabulary
+        scores = daily_training.main(str(work), rows=8_000, epochs=1, new_field=True)
+    with open(work / "runs" / "day2_new_field_from_day1" / "plugins.json", encoding="utf-8") as handle:
+        record = json.load(handle)["init_from"]
+    assert (record["scope"], record["tables"], record["fresh_tables"]) == (
+        "tables", ["t_city", "t_item", "t_user"], ["t_channel"])
+    assert record["checkpoint"].startswith(str(work / "runs" / "day1"))
+    with open(work / "runs" / "day2_new_field" / "plugins.json", encoding="utf-8") as handle:
+        assert "init_from" not in json.load(handle)
+    with open(work / "data" / "day2_new_field" / "schema.json", encoding="utf-8") as handle:
+        assert [field["name"] for field in json.load(handle)["fields"]] == ["user", "city", "item", "price", "channel"]
+    warm, fresh = scores["day2_new_field_from_day1"], scores["day2_new_field"]
+    assert warm["auc"] > fresh["auc"] > 0.5 and warm["ne"] < fresh["ne"]
+
+
 def test_daily_training_refuses_a_work_directory_it_did_not_make(tmp_path) -> None:
     """It emptied any --work directory first: a user's files there (or the checkout, with --work .) were deleted."""
     _examples_on_path()
