@@ -207,6 +207,10 @@ def _stored_provenance(path: str) -> Optional[Dict[str, Any]]:
     return provenance if "keys" in metadata and provenance.get("schema_fingerprint") else None
 
 
+#: what the refusal to write other field vectors over a file tells to do
+_WRITE_BESIDE = ("runs trained on them read this file to resume, evaluate and export. Write the new vectors to another "
+                 "--output (e.g. runs/fields_day2.safetensors) and train them in a new train.run_dir with "
+                 "llactr.vectors_path=NEW, or delete the file first to replace it")
 #: the provenance entries (and ``extra`` entries) a field-vector file's vectors depend on: two files that differ in
 #: one hold other vectors; where they lie, when and by which command line they were written do not count
 VECTOR_IDENTITY_KEYS = ("model_hash", "pooling", "template", "max_length", "schema_semantic_fingerprint",
@@ -241,9 +245,7 @@ def check_same_vectors_output(path: str, provenance: VectorProvenance) -> None:
     raise FileExistsError(
         f"{path}: holds other field vectors (of {earlier.get('model_id')!r}, fingerprint {earlier.get('model_hash')}) "
         f"than this encode's (of {provenance.model_id!r}, fingerprint {provenance.model_hash}; differing: "
-        f"{', '.join(differing)}); runs trained on them read this file to resume, evaluate and export. Write the new "
-        "vectors to another --output (then train them in a new train.run_dir with llactr.vectors_path=NEW), or "
-        "delete the file first to replace it"
+        f"{', '.join(differing)}); {_WRITE_BESIDE}"
     )
 
 
@@ -268,9 +270,7 @@ def check_same_fields_output(path: str, schema: DatasetSchema) -> None:
                      if part) or "names, kinds, descriptions, order or label changed"
     raise FileExistsError(
         f"{path}: holds field vectors of other fields than schema {schema.name!r} has ({what}; field-vector "
-        f"fingerprint {recorded} there, {schema.semantic_fingerprint()} here); runs trained on them read this file "
-        "to resume, evaluate and export. Write the new vectors to another --output (the next day's schema: "
-        "runs/fields_day2.safetensors, trained with llactr.vectors_path=NEW), or delete the file first to replace it"
+        f"fingerprint {recorded} there, {schema.semantic_fingerprint()} here); {_WRITE_BESIDE}"
     )
 
 
