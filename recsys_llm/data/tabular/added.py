@@ -43,8 +43,9 @@ def read_added_fields(schema_path: str, like: DatasetSchema, like_dir: str) -> A
     Raises:
         SchemaError: a bad schema file; one that records ``ids`` or ``splits`` (what prepare writes); a field of
             the earlier schema whose settings it changes (kind, cardinality, hashed, description, ...), naming the
-            field, the settings and both files; another label or row key than the earlier; no field at all of the
-            earlier schema (nothing to keep: prepare afresh).
+            field, the settings and both files; another label or row key than the earlier; an earlier hashed-text
+            field at another position (its hash's salt); no field at all of the earlier schema (nothing to keep:
+            prepare afresh).
     """
     path = schema_file(schema_path)
     raw = load_raw(path)
