@@ -28,6 +28,7 @@ Example::
     print(results["test"]["auc"])
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,7 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from recsys_llm.atomic_dir import write_text_atomically
+from recsys_llm.atomic_dir import is_temp_file_of, write_text_atomically
 from recsys_llm.data.ids_per_bag import mean_ids_per_bag
 from recsys_llm.data.parquet import ParquetBatchReader
 from recsys_llm.data.schema import DatasetSchema
@@ -67,7 +68,7 @@ from recsys_llm.train.config import (
     parse_plugin_sections,
     save_config,
 )
-from recsys_llm.train.curves import plot_training_curves
+from recsys_llm.train.curves import CURVES_FILE, plot_training_curves
 from recsys_llm.train.distributed import (
     DistContext,
     all_ranks_true,
@@ -426,7 +427,21 @@ def _lock_as_checked(run_dir: str, checkpoints: CheckpointManager, best: Checkpo
             f"checks saw {checked or 'no checkpoint'}, now it holds {now or 'none'}); run this job again: it then "
             "checks, and resumes from (or refuses), what is there now"
         )
+    _remove_killed_writes(run_dir)
     return lock
+
+
+#: the run directory's files written whole through a temp file (``write_text_atomically``, ``save_figure_atomically``)
+RUN_FILES_WRITTEN_WHOLE = ("config.yaml", PLUGINS_FILE, PLAN_FILE, RESULTS_FILE, CURVES_FILE)
+
+
+def _remove_killed_writes(run_dir: str) -> None:
+    """Removes the temp files of :data:`RUN_FILES_WRITTEN_WHOLE` that a job killed outright (SIGKILL) while writing
+    them left in ``run_dir``; the caller holds the run's lock, so no job is writing them now."""
+    for name in os.listdir(run_dir):
+        if any(is_temp_file_of(name, file) for file in RUN_FILES_WRITTEN_WHOLE):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, name))
 
 
 def _write_run_records(

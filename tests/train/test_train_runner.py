@@ -426,7 +426,11 @@ def _extend_a_finished_run(schema_dir: str, root: str) -> Dict[str, Any]:
     out = {"one": _run(schema_dir, extended, ["train.epochs=1"])}
     out["extended"] = _run(schema_dir, extended, ["train.epochs=2"])
     out["extended_events"] = _after_last_resume(_events(extended))
+    # a job SIGKILLed while writing its figure and results left their temp files; a user's own file stays
+    for name in ("training_curves.png.547e65ab.tmp", "results.json.tmp", "notes.txt.547e65ab.tmp"):
+        open(os.path.join(extended, name), "w", encoding="utf-8").close()
     out["again"] = _run(schema_dir, extended, ["train.epochs=2"])  # finished: trains no step
+    out["left_temp_files"] = sorted(name for name in os.listdir(extended) if name.endswith(".tmp"))
     out["fresh"] = _run(schema_dir, os.path.join(root, "fresh"), ["train.epochs=2"])
     return out
 
@@ -441,6 +445,7 @@ def test_a_finished_run_resumed_with_more_epochs_trains_them(synthetic_dir: str,
     assert [e["epoch"] for e in out["extended_events"] if e["event"] == "epoch"] == [1]
     # the same command on the finished run keeps its throughput figure (it trained no step itself)
     assert out["again"]["samples_per_second"] == out["extended"]["samples_per_second"] is not None
+    assert out["left_temp_files"] == ["notes.txt.547e65ab.tmp"]  # the killed job's temp files removed
 
 
 @pytest.mark.multiprocess
