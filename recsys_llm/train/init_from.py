@@ -176,10 +176,9 @@ def _check_optimizer_state_fits(config: ExperimentConfig, saved: ExperimentConfi
     thawed: List[str] = []
     if config.optim.sparse != "sgd":
         was_frozen, now_frozen = set(saved.sharding.frozen_tables), set(config.sharding.frozen_tables)
-        thawed = sorted(name for name in was_frozen - now_frozen
-                        if origins is None or origins.get(name) == name)
-        thawed += sorted(f"{origin} (for {name})" for name, origin in renamed.items()
-                         if origin in was_frozen and name not in now_frozen)
+        pairs = origins if origins is not None else {name: name for name in was_frozen}
+        thawed = sorted(origin if origin == name else f"{origin} (for {name})" for name, origin in pairs.items()
+                        if origin in was_frozen and name not in now_frozen)
     if thawed:
         changed.append(f"sharding.frozen_tables: {', '.join(thawed)} frozen there (no optimizer state), trained here")
     if changed:
