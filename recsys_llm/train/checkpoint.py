@@ -749,6 +749,11 @@ def _only_keys(path: str, metadata: Metadata, target: Dict[str, Any], only: Coll
     return kept
 
 
+def table_of(key: str) -> str:
+    """The table name of a table weight's state-dict key (``...embedding_bags.t_city.weight``: ``t_city``)."""
+    return key.split(".")[-2]
+
+
 def _renamed_rounds(target: Dict[str, Any], sources: Mapping[str, str]) -> List[Dict[str, Any]]:
     """``target`` keyed by the checkpoint's keys (``sources``: this model's key -> the checkpoint's, where they
     differ), holding this model's tensors, for DCP to load in place: a parameter's optimizer states renamed from
@@ -775,7 +780,7 @@ def _renamed_rounds(target: Dict[str, Any], sources: Mapping[str, str]) -> List[
             rounds.append(part)
         part["model"][source] = target["model"][key]
         if key in optim:
-            table, source_table = key.split(".")[-2], source.split(".")[-2]
+            table, source_table = table_of(key), table_of(source)
             part.setdefault("optim", {})[source] = {
                 (f"{source_table}.{name[len(table) + 1:]}" if name.startswith(f"{table}.") else name): state
                 for name, state in optim[key].items()}

@@ -38,9 +38,10 @@ from recsys_llm.train.checkpoint import (
     resolve_checkpoint,
     run_config_of,
     run_dir_of,
+    table_of,
 )
 from recsys_llm.train.config import ConfigError, ExperimentConfig, check_same_model, load_config
-from recsys_llm.train.init_tables import TableShape, check_table_settings, shared_tables, table_of
+from recsys_llm.train.init_tables import TableShape, check_table_settings, shared_tables
 from recsys_llm.train.resume import check_same_table_state_layout, stateful_tables
 from recsys_llm.train.run_records import (
     PLAN_FILE,

@@ -17,6 +17,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_llm.modules.elec import STUDENT_PREFIX, TEACHER_PREFIX
 from recsys_llm.modules.semantic_table import TABLE_PREFIX as SEMANTIC_TABLE_PREFIX
+from recsys_llm.train.checkpoint import table_of
 from recsys_llm.train.checkpoint_reader import SafeFileSystemReader
 from recsys_llm.train.config import ConfigError, ExperimentConfig, config_differences
 
@@ -55,11 +56,6 @@ def trained_tables(tables: Mapping[str, Tuple[str, EmbeddingBagCollection]]) -> 
                                   config.embedding_dim, data_type_to_dtype(config.data_type),
                                   tuple(config.feature_names))
     return shapes
-
-
-def table_of(key: str) -> str:
-    """The table name of a table weight's state-dict key (``...embedding_bags.t_city.weight``: ``t_city``)."""
-    return key.split(".")[-2]
 
 
 def check_table_settings(config: ExperimentConfig, saved: ExperimentConfig, what: str) -> None:
